@@ -1,0 +1,5 @@
+import sys
+
+from ultrafedfm.cli import main
+
+sys.exit(main())
