@@ -30,9 +30,41 @@ from ultrafedfm.config import ConfigError, check, from_mapping, load_yaml
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["SITE_CONFIG_FILE", "SiteConfig", "find_site_config", "load_site_config"]
+__all__ = ["SITE_CONFIG_FILE", "PrivacyPolicy", "SiteConfig", "SiteResources", "find_site_config", "load_site_config"]
 
 SITE_CONFIG_FILE = "site.yaml"
+
+
+@dataclass
+class SiteResources:
+    """What the site declares it has (``ultrafedfm kit check`` verifies it)."""
+
+    gpus: int = 0
+    min_memory_gb: float = 0.0
+    min_free_disk_gb: float = 0.0
+
+    def __post_init__(self) -> None:
+        check(self.gpus >= 0, "gpus", "must be >= 0")
+        check(self.min_memory_gb >= 0 and self.min_free_disk_gb >= 0, "min_memory_gb", "sizes must be >= 0")
+
+
+@dataclass
+class PrivacyPolicy:
+    """The site's minimum protection for any job; a job asking for less is refused by the site.
+
+    Enforced by the secure-aggregation and DP features (the defaults are the strict ones).
+    """
+
+    require_secure_aggregation: bool = True
+    require_dp: bool = False
+    max_epsilon: float | None = None
+    max_delta: float | None = None
+    min_noise_multiplier: float = 0.0
+
+    def __post_init__(self) -> None:
+        check(self.max_epsilon is None or self.max_epsilon > 0, "max_epsilon", "must be > 0 (or null)")
+        check(self.max_delta is None or 0 < self.max_delta < 1, "max_delta", "must be in (0, 1) (or null)")
+        check(self.min_noise_multiplier >= 0, "min_noise_multiplier", "must be >= 0")
 
 
 @dataclass
@@ -45,7 +77,9 @@ class SiteConfig:
         ingest: ``IngestConfig`` options used for that ingestion (see ultrafedfm.data.ingest_config).
         device: ``cpu``, ``cuda`` or ``auto`` (``cuda`` when available).
         num_threads: torch intra-op threads for training (``None``: torch's default).
-        privacy: the site's privacy policy; read by the DP and secure-aggregation features.
+        num_workers: data-loader worker processes (0: load in the training process).
+        resources: what the site declares it has (``None``: nothing declared).
+        privacy: the site's privacy policy, enforced by the DP and secure-aggregation features.
     """
 
     cache: Path
@@ -53,10 +87,13 @@ class SiteConfig:
     ingest: dict[str, Any] = field(default_factory=dict)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     num_threads: int | None = None
-    privacy: dict[str, Any] = field(default_factory=dict)
+    num_workers: int = 2
+    resources: SiteResources | None = None
+    privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
 
     def __post_init__(self) -> None:
         check(self.num_threads is None or self.num_threads >= 1, "num_threads", "must be at least 1")
+        check(self.num_workers >= 0, "num_workers", "must be >= 0")
 
 
 def load_site_config(path: str | Path, *, site_name: str | None = None) -> SiteConfig:

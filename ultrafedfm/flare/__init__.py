@@ -1,0 +1,7 @@
+"""Thin NVIDIA FLARE adapters for federated MAE pretraining.
+
+``job_spec`` (every knob, no FLARE) -> ``job_builder`` (the FedJob, exported to ``jobs/``);
+``workflow`` (server: rounds, FedAvg of deltas, run state, stats); ``client_script`` (site:
+Client API loop around ``site_training``); ``simulation`` (the simulator for tests and the
+demo). See docs/federation.md.
+"""

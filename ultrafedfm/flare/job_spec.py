@@ -24,13 +24,15 @@ class JobSpec:
 
     Model and local training (sent to the sites with every task):
         preset, img_size, mask_ratio, norm_pix_loss: the MAE (``ultrafedfm.models.build_mae``).
+        degradations: ultrasound degradations of the encoder input (the trainer's defaults).
         local_epochs / local_steps: work per round at each site (exactly one of them is set).
         batch_size, base_lr, min_lr, weight_decay: AdamW as the MAE recipe; the rate is
             ``base_lr * batch_size / 256``, warmed up over ``warmup_rounds`` then cosine-decayed.
         seed: initial global model and the sites' data order.
     Federation:
         num_rounds, min_sites: a round updates the model only with at least ``min_sites`` updates.
-        round_timeout_s: how long a round waits for slow sites (0: forever).
+        round_timeout_s: how long a round waits for slow sites (0: forever); a round then
+            aggregates whoever answered, if at least ``min_sites``.
         task_request_interval_s: how often idle sites poll the server (FLARE default 2 s).
         run_name / run_state_dir: where the run's state lives, outside the job workspace, so a
             resubmitted job continues the run (``None``: the job name / ``<server
@@ -45,6 +47,7 @@ class JobSpec:
     img_size: int = 224
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
+    degradations: bool = True
     num_rounds: int = 300
     warmup_rounds: int = 40
     local_epochs: int | None = 1
@@ -55,7 +58,7 @@ class JobSpec:
     weight_decay: float = 0.05
     seed: int = 0
     min_sites: int = 3
-    round_timeout_s: int = 0
+    round_timeout_s: int = 4 * 3600
     task_request_interval_s: float = 0.2
     launch_timeout_s: float = 300.0
     run_name: str | None = None
@@ -67,6 +70,7 @@ class JobSpec:
     def __post_init__(self) -> None:
         check(self.name.replace("_", "").replace("-", "").isalnum(), "name", "letters, digits, '-' and '_' only")
         check(16 <= self.img_size, "img_size", "must be at least 16")
+        check(self.seed >= 0, "seed", "must be >= 0")
         check(0.0 < self.mask_ratio < 1.0, "mask_ratio", "must be in (0, 1)")
         check(self.num_rounds >= 1, "num_rounds", "must be at least 1")
         check(0 <= self.warmup_rounds <= self.num_rounds, "warmup_rounds", "must be in 0..num_rounds")
@@ -96,6 +100,7 @@ class JobSpec:
             "img_size": self.img_size,
             "mask_ratio": self.mask_ratio,
             "norm_pix_loss": self.norm_pix_loss,
+            "degradations": self.degradations,
             "local_epochs": self.local_epochs,
             "local_steps": self.local_steps,
             "batch_size": self.batch_size,
@@ -103,6 +108,7 @@ class JobSpec:
             "weight_decay": self.weight_decay,
             "seed": self.seed,
             "differential_privacy": self.differential_privacy,
+            "secure_aggregation": self.secure_aggregation,
         }
 
 

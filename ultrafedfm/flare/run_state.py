@@ -105,6 +105,10 @@ class RunState:
         with self.rounds_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(stats) + "\n")
 
+    def rewrite_rounds(self, history: list[dict[str, Any]]) -> None:
+        """Make ``rounds.jsonl`` agree with a checkpoint's history (after a crash between the two)."""
+        _atomic_write_text(self.rounds_path, "".join(json.dumps(row) + "\n" for row in history))
+
     def read_rounds(self) -> list[dict[str, Any]]:
         if not self.rounds_path.is_file():
             return []

@@ -71,7 +71,7 @@ def combine_shares(shares: Sequence[Share], *, threshold: int, secret_bytes: int
 
     Raises :class:`ShamirError` for too few or duplicate shares, and when the interpolated value
     cannot be a secret of that length (the sign that fewer than ``threshold`` genuine shares, or a
-    corrupted one, went in).
+    randomly corrupted one, went in; a deliberately small change to a share is not always caught).
     """
     xs = [s.x for s in shares]
     if len(set(xs)) != len(xs):

@@ -1,0 +1,113 @@
+"""Federation overhead of MAE pretraining on NVIDIA FLARE (simulator, one machine).
+
+overhead = (round wall time - slowest site's training time) / round wall time
+
+"Training time" is what each site's ``train_local`` call measured; everything else in a round
+-- sending the global model, loading it, computing and sending the delta, FLARE's task polling,
+the server's aggregation and checkpoint -- is overhead. Round 1 also pays for starting the sites'
+training processes and opening their caches, so it is reported apart from the later rounds.
+
+    .venv/bin/python bench/bench_federation.py                        # tiny + small, small sizes (~3 min)
+    .venv/bin/python bench/bench_federation.py --presets small --images-per-site 500 --image-size 224
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ultrafedfm.data.cache import CacheEntry, ManifestWriter, image_relpath, init_cache, salted_key, write_png
+from ultrafedfm.flare.job_builder import export_job_folder
+from ultrafedfm.flare.job_spec import JOB_SPECS
+from ultrafedfm.flare.run_state import RunState
+from ultrafedfm.flare.simulation import prepare_workspace, run_simulation
+
+_logger = logging.getLogger("bench_federation")
+
+
+def make_cache(root: Path, *, n_images: int, size: int, seed: int) -> Path:
+    """A site cache of smooth random images (ingest format), written directly for speed."""
+    rng = np.random.default_rng(seed)
+    salt = init_cache(root, image_size=size)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    with ManifestWriter(root) as manifest:
+        for i in range(n_images):
+            fx, fy, phase = rng.uniform(1, 4, size=3)
+            img = 0.5 + 0.3 * np.sin(6.28 * (fx * xx + fy * yy) + phase) + 0.05 * rng.standard_normal((size, size))
+            key = salted_key(salt, "bench", i)
+            write_png(root, image_relpath(key), (np.clip(img, 0, 1) * 255).astype(np.uint8))
+            manifest.add(CacheEntry(key=key, instance=key, image=image_relpath(key), source="image"))
+    return root
+
+
+def run_preset(args: argparse.Namespace, preset: str, image_size: int, tmp: Path) -> dict:
+    sites = [f"site-{i}" for i in range(1, args.sites + 1)]
+    caches = {n: make_cache(tmp / preset / n, n_images=args.images_per_site, size=image_size, seed=i)
+              for i, n in enumerate(sites)}
+    spec = dataclasses.replace(
+        JOB_SPECS["mae_pretrain_tiny"], name=f"bench_{preset}", preset=preset, img_size=image_size,
+        num_rounds=args.rounds, warmup_rounds=1, local_epochs=1, batch_size=args.batch_size,
+        min_sites=args.sites, degradations=True, run_name="bench", run_state_dir=str(tmp / preset / "run"),
+        round_timeout_s=0,
+    )
+    job_dir = export_job_folder(spec, tmp / preset / "job", python=sys.executable)
+    workspace = tmp / preset / "ws"
+    prepare_workspace(workspace, site_configs={
+        n: {"cache": str(c), "num_workers": 0, "num_threads": max(1, args.threads_per_site)} for n, c in caches.items()
+    })
+    result = run_simulation(job_dir=job_dir, workspace=workspace, clients=sites, timeout_s=args.timeout)
+    rows = RunState(spec.run_state_dir, "bench").read_rounds()
+    if len(rows) != args.rounds or not all(r["applied"] for r in rows):
+        raise SystemExit(f"{preset}: the run did not complete ({len(rows)} rounds); see {result.server_log}")
+    per_round = []
+    for row in rows:
+        slowest = max(row["train_seconds"].values())
+        per_round.append((row["duration_s"], slowest, (row["duration_s"] - slowest) / row["duration_s"]))
+    later = per_round[1:] or per_round
+    return {
+        "preset": preset, "img": image_size, "first": per_round[0],
+        "wall": statistics.mean(r[0] for r in later), "train": statistics.mean(r[1] for r in later),
+        "overhead": statistics.mean(r[2] for r in later), "mb": rows[-1]["bytes_received"] / 1e6 / args.sites,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", default="tiny,small")
+    parser.add_argument("--image-size", type=int, help="pixels (default: 32 for tiny, 64 for others)")
+    parser.add_argument("--images-per-site", type=int, default=64)
+    parser.add_argument("--sites", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads-per-site", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=3600)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench_federation_") as tmp:
+        for preset in args.presets.split(","):
+            size = args.image_size or (32 if preset == "tiny" else 64)
+            print(f"running {preset} at {size} px: {args.sites} sites x {args.images_per_site} images, "
+                  f"{args.rounds} rounds ...", flush=True)
+            results.append(run_preset(args, preset, size, Path(tmp)))
+
+    print(f"\n{args.sites} sites x {args.images_per_site} images, 1 local epoch, batch {args.batch_size}; "
+          f"rounds 2..{args.rounds} averaged (round 1 apart: it starts the site processes)")
+    print(f"{'preset':>7} {'px':>4} {'round s':>8} {'slowest train s':>16} {'overhead':>9} "
+          f"{'round 1 overhead':>17} {'MB/site/round':>14}")
+    for r in results:
+        first_wall, first_train, first_over = r["first"]
+        print(f"{r['preset']:>7} {r['img']:>4} {r['wall']:>8.2f} {r['train']:>16.2f} {r['overhead']:>8.1%} "
+              f"{first_over:>16.1%} {r['mb']:>14.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

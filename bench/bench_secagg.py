@@ -1,0 +1,219 @@
+"""Secure-aggregation cost, side by side with plaintext summation, the cipher alone and CKKS.
+
+For each vector size (ViT-S 22M, ViT-B MAE 112M parameters) and number of sites it runs a real
+round (X25519 keys, Shamir shares, AES-GCM, masks) and reports:
+
+- per-site time of the masked-input step (decrypt shares, quantise, add n keystreams: 1 self
+  mask + n - 1 pairwise), its parts, and the ratio of the keystream bound to it: the time the
+  cipher alone needs to produce the same n * (d + 1) * 4 mask bytes (goal >= 0.5);
+- server time (sum the n masked vectors + reconstruct and remove the masks), and its ratio to
+  plaintext float32 summation of the same n vectors;
+- bytes on the wire of one masked input relative to float32 (goal <= 1.0 with a 32-bit ring);
+- if TenSEAL is installed, FLARE's CKKS setting (N=8192, [60, 40, 40], scale 2^40, 4096 slots
+  per ciphertext) on a sample of the vector, extrapolated linearly to the full size (server time
+  counts deserialising and adding each site's ciphertexts; decryption is not counted).
+
+Times are CPU seconds of this process (all timed work is single-threaded; TenSEAL is run with
+its default threads, so its CPU time may exceed its wall time). Defaults finish in about two
+minutes on a 2-core CPU; the full table:
+    .venv/bin/python bench/bench_secagg.py --sizes 22M,112M --sites 3,8,16
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import logging
+import os
+import sys
+import time
+
+import numpy as np
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from ultrafedfm.secagg import SecAggClient, SecAggConfig, SecAggServer, SiteIdentity, simulate_round, to_bytes
+from ultrafedfm.secagg.masks import CHUNK_ELEMENTS, MaskStream, apply_streams, keystream_bytes
+from ultrafedfm.secagg.quantize import StochasticEncoder
+
+_logger = logging.getLogger("bench_secagg")
+
+SIZES = {"1M": 1_000_000, "4M": 4_000_000, "22M": 22_000_000, "86M": 86_000_000, "112M": 112_000_000}
+
+
+def make_pki(n: int) -> tuple[x509.Certificate, dict[str, SiteIdentity]]:
+    """A root CA and n site certificates (EC P-256: keys are off the data path, generation is quick)."""
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("bench-root")).issuer_name(name("bench-root"))
+          .public_key(ca_key.public_key()).serial_number(1).not_valid_before(now - dt.timedelta(days=1))
+          .not_valid_after(now + dt.timedelta(days=1)).sign(ca_key, hashes.SHA256()))
+    sites = {}
+    for i in range(n):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(name(f"site-{i:02d}")).issuer_name(ca.subject)
+                .public_key(key.public_key()).serial_number(i + 2).not_valid_before(now - dt.timedelta(days=1))
+                .not_valid_after(now + dt.timedelta(days=1)).sign(ca_key, hashes.SHA256()))
+        sites[f"site-{i:02d}"] = SiteIdentity(cert, key)
+    return ca, sites
+
+
+def timed(fn, *args, **kwargs):
+    """(result, CPU seconds of this process). Everything timed is single-threaded, so CPU time equals
+    wall time on an idle machine and is not inflated by other jobs sharing the cores."""
+    start = time.process_time()
+    out = fn(*args, **kwargs)
+    return out, time.process_time() - start
+
+
+def quantize_only(delta: np.ndarray, config: SecAggConfig) -> None:
+    out = np.empty(delta.shape[0], dtype=np.uint32)
+    encoder = StochasticEncoder(clip=config.clip, frac_bits=config.frac_bits, chunk_elements=CHUNK_ELEMENTS)
+    for start in range(0, delta.shape[0], CHUNK_ELEMENTS):
+        stop = min(start + CHUNK_ELEMENTS, delta.shape[0])
+        encoder.encode_into(delta[start:stop], out[start:stop])
+
+
+def best_of(repeats: int, fn, *args, **kwargs) -> float:
+    return min(timed(fn, *args, **kwargs)[1] for _ in range(repeats))
+
+
+def streams_only(vector: np.ndarray, n: int, prg: str) -> None:
+    """Add n keystreams into a ring vector: the masking step without quantisation."""
+    streams = [MaskStream(os.urandom(32), sign=1 if i % 2 else -1, prg=prg) for i in range(n)]
+    apply_streams(vector, streams)
+
+
+def plaintext_sum(delta: np.ndarray, n: int) -> None:
+    acc = np.zeros_like(delta)
+    for _ in range(n):
+        np.add(acc, delta, out=acc)
+
+
+def run_secagg(d: int, n: int, delta: np.ndarray, config: SecAggConfig) -> dict:
+    ca, sites = make_pki(n)
+    clients = {s: SecAggClient(identity=i, root_ca=ca, job_id="bench", round_number=1, config=config)
+               for s, i in sites.items()}
+    server = SecAggServer(root_ca=ca, job_id="bench", round_number=1, config=config)
+    start = time.process_time()
+    for c in clients.values():
+        server.receive_advertisement(c.advertise_keys())
+    roster = server.key_roster()
+    for c in clients.values():
+        server.receive_encrypted_shares(c.share_keys(roster))
+    deliveries = server.share_deliveries()
+    setup = time.process_time() - start
+    mask_times, server_time, wire_bytes = [], 0.0, 0
+    for s, c in clients.items():
+        masked, t = timed(c.mask_input, deliveries[s], delta=delta, weight=1.0)
+        mask_times.append(t)
+        if not wire_bytes:
+            wire_bytes = len(to_bytes(masked))
+        _, t = timed(server.receive_masked_input, masked)
+        server_time += t
+        del masked
+    survivor_list = server.survivor_list()
+    for s in survivor_list.survivors:
+        server.receive_survivor_signature(clients[s].sign_survivors(survivor_list))
+    request = server.unmask_request()
+    for s in request.survivors:
+        server.receive_unmask_response(clients[s].unmask(request))
+    result, t = timed(server.aggregate)
+    server_time += t
+    mean, t = timed(result.mean_delta)
+    server_time += t
+    error = float(np.max(np.abs(mean[:: max(1, d // 1_000_000)] - delta[:: max(1, d // 1_000_000)])))
+    return {"setup": setup, "mask": float(np.median(mask_times)), "server": server_time, "wire": wire_bytes,
+            "error": error}
+
+
+def ckks(d: int, sample: int) -> dict | None:
+    """FLARE's CKKS setting on ``sample`` values, per 4096-slot ciphertext, scaled to ``d`` values."""
+    try:
+        import tenseal as ts
+    except ImportError:
+        return None
+    ctx = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=8192, coeff_mod_bit_sizes=[60, 40, 40],
+                     encryption_type=ts.ENCRYPTION_TYPE.SYMMETRIC)
+    ctx.global_scale = 2**40
+    slots = 4096
+    values = np.random.default_rng(0).standard_normal(sample) * 1e-3
+    blobs, t_enc = timed(lambda: [ts.ckks_vector(ctx, values[i:i + slots]).serialize()
+                                  for i in range(0, sample, slots)])
+
+    def add_all() -> None:  # the server adds one site's ciphertexts into its running sum
+        for blob in blobs:
+            ts.ckks_vector_from(ctx, blob) + ts.ckks_vector_from(ctx, blob)
+
+    _, t_add = timed(add_all)
+    scale = d / sample
+    return {"encrypt": t_enc * scale, "add_per_site": t_add * scale, "wire": sum(map(len, blobs)) * scale}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="22M", help=f"comma-separated, from {', '.join(SIZES)}")
+    parser.add_argument("--sites", default="3,8,16", help="comma-separated site counts")
+    parser.add_argument("--prg", default="aes-256-ctr", choices=["aes-256-ctr", "chacha20"])
+    parser.add_argument("--repeats", type=int, default=2, help="best-of repeats for the component timings")
+    parser.add_argument("--ckks-sample", type=int, default=1 << 19, help="CKKS sample size (0 = skip CKKS)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    sizes = [SIZES[s] for s in args.sizes.split(",")]
+    site_counts = [int(s) for s in args.sites.split(",")]
+    config = SecAggConfig(max_sites=max(max(site_counts), 3), prg=args.prg)
+    print(f"# secagg bench: ring {config.ring_bits} bits, frac_bits {config.frac_bits}, prg {config.prg}, "
+          f"{os.cpu_count()} CPU cores, numpy {np.__version__}")
+    header = ("params", "sites", "site step s", "quantise s", "mask s", "cipher-only s", "cipher/mask",
+              "cipher/site step", "server s", "plain sum s", "server/plain", "wire/f32", "max err")
+    print(" | ".join(header))
+    rows_ckks = []
+    for d in sizes:
+        delta = (np.random.default_rng(1).standard_normal(d) * 1e-3).astype(np.float32)
+        t_quant = best_of(args.repeats, quantize_only, delta, config)
+        c = ckks(d, min(args.ckks_sample, d)) if args.ckks_sample else None
+        for n in site_counts:
+            r = run_secagg(d, n, delta, config)
+            t_mask = best_of(args.repeats, streams_only, np.zeros(d + 1, dtype=np.uint32), n, config.prg)
+            t_ks = best_of(args.repeats, keystream_bytes, os.urandom(32), n * (d + 1) * 4, prg=config.prg)
+            t_plain = best_of(args.repeats, plaintext_sum, delta, n)
+            cells = (f"{d / 1e6:.0f}M", n, f"{r['mask']:.2f}", f"{t_quant:.2f}", f"{t_mask:.2f}", f"{t_ks:.2f}",
+                     f"{t_ks / t_mask:.2f}", f"{t_ks / r['mask']:.2f}", f"{r['server']:.2f}",
+                     f"{t_plain:.2f}", f"{r['server'] / t_plain:.1f}", f"{r['wire'] / (4 * d):.6f}",
+                     f"{r['error']:.1e}")
+            print(" | ".join(map(str, cells)), flush=True)
+            gc.collect()
+            if c is not None:
+                rows_ckks.append((d, n, c, r))
+        del delta
+        gc.collect()
+    print("# bytes one site sends per round besides its masked input (EC P-256 certificates; RSA-2048 adds ~0.6 KB)")
+    for n in site_counts:
+        ca, sites = make_pki(n)
+        zeros = {name: np.zeros(16, np.float32) for name in sites}
+        report = simulate_round(identities=sites, root_ca=ca, deltas=zeros, weights=dict.fromkeys(sites, 1.0),
+                                config=config)
+        sent = report.bytes_sent[sorted(sites)[0]]
+        extra = {phase: b for phase, b in sent.items() if phase != "masked_input"}
+        print(f"{n} sites: " + ", ".join(f"{phase} {b / 1024:.1f} KiB" for phase, b in extra.items())
+              + f"; total {sum(extra.values()) / 1024:.1f} KiB")
+    if args.ckks_sample:
+        if not rows_ckks:
+            print("# CKKS: tenseal is not installed; no comparison")
+        else:
+            print(f"# CKKS (FLARE HE defaults), measured on {args.ckks_sample} values, extrapolated linearly")
+            print("params | sites | encrypt s/site | / secagg site step | server add s | / secagg server | wire/f32")
+            for d, n, c, r in rows_ckks:
+                server = c["add_per_site"] * n
+                print(f"{d / 1e6:.0f}M | {n} | {c['encrypt']:.1f} | {c['encrypt'] / r['mask']:.0f} | {server:.1f} | "
+                      f"{server / r['server']:.0f} | {c['wire'] / (4 * d):.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Benchmark the synthetic-site generator against the 200 images/s goal.
+
+Measures, in one run on the same profiles:
+  * ``render_bmode`` alone (pixel arrays in memory, one process, then a 2-process pool);
+  * ``generate_sites`` end to end (render + annotate + write DICOM, masks, CSV, YAML)
+    with 1 and 2 worker processes.
+Prints images/s, CPU ms per image and the ratio to the goal side by side. The build machine's
+two cores are shared with other jobs, so next to the wall-clock rate it prints the CPU-bound
+rate: processes x images / CPU seconds, what the same work gives with a core per process.
+
+    .venv/bin/python bench/bench_synth.py [--sites 5] [--images-per-site 200] [--render-images 400]
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from ultrafedfm.data.synth import default_site_profiles, generate_sites, render_bmode
+
+GOAL = 200.0  # images per second on the 2-core build machine
+LABELS = ("benign", "malignant", "normal")
+
+
+def _render_many(args: tuple[int, int, int]) -> int:
+    n_sites, start, count = args
+    profiles = default_site_profiles(n_sites, seed=0)
+    for i in range(start, start + count):
+        render_bmode(rng=np.random.default_rng(i), profile=profiles[i % n_sites], lesion=LABELS[i % 3])
+    return count
+
+
+def _children_cpu() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _timed(fn) -> tuple[float, float]:
+    wall, cpu = time.perf_counter(), _children_cpu()
+    fn()
+    return time.perf_counter() - wall, _children_cpu() - cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sites", type=int, default=5)
+    parser.add_argument("--images-per-site", type=int, default=200)
+    parser.add_argument("--render-images", type=int, default=400)
+    parser.add_argument("--cine-fraction", type=float, default=0.05)
+    args = parser.parse_args()
+    load_before = os.getloadavg()[0]
+    _render_many((args.sites, 0, 3 * args.sites))  # warm caches (scan-conversion tables, FFT plans)
+    rows = []
+
+    n = args.render_images
+    wall, cpu = _timed(lambda: _render_many((args.sites, 0, n)))
+    rows.append(("render_bmode, 1 process", n, wall, cpu, 1))
+    half = n // 2
+    def render_in_pool() -> None:
+        # Timed including the pool's start and shutdown, so the children's CPU time is counted.
+        with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("fork")) as pool:
+            list(pool.map(_render_many, [(args.sites, 0, half), (args.sites, half, n - half)]))
+
+    wall, cpu = _timed(render_in_pool)
+    rows.append(("render_bmode, 2 processes", n, wall, cpu, 2))
+
+    total = args.sites * args.images_per_site
+    for workers in (1, 2):
+        out = Path(tempfile.mkdtemp(prefix="bench_synth_"))
+        try:
+            wall, cpu = _timed(lambda: generate_sites(out_dir=out, n_sites=args.sites,
+                                                      images_per_site=args.images_per_site, seed=0,
+                                                      cine_fraction=args.cine_fraction, progress=False,
+                                                      workers=workers))
+            frames = sum(1 for _ in out.rglob("*.dcm"))
+            assert frames == total
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        rows.append((f"generate_sites, {workers} worker{'s' if workers > 1 else ''} (DICOM)", total, wall, cpu,
+                     workers))
+
+    print(f"machine: {os.cpu_count()} cores, load average (1 min) before {load_before:.2f}, after "
+          f"{os.getloadavg()[0]:.2f} (other processes share the cores); goal {GOAL:.0f} images/s")
+    print(f"sites {args.sites}, default per-site frame sizes, cine fraction {args.cine_fraction}")
+    print(f"| {'case':40s} | {'images':>6s} | {'wall s':>6s} | {'img/s':>6s} | {'/ goal':>6s} | "
+          f"{'CPU ms/img':>10s} | {'CPU-bound img/s':>15s} | {'/ goal':>6s} |")
+    print(f"|{'-' * 42}|{'-' * 8}|{'-' * 8}|{'-' * 8}|{'-' * 8}|{'-' * 12}|{'-' * 17}|{'-' * 8}|")
+    for name, count, wall, cpu, processes in rows:
+        rate = count / wall
+        # What the same CPU work gives when each process has a core of its own.
+        bound = processes * count / cpu
+        print(f"| {name:40s} | {count:6d} | {wall:6.2f} | {rate:6.1f} | {rate / GOAL:6.2f} | "
+              f"{1000 * cpu / count:10.2f} | {bound:15.1f} | {bound / GOAL:6.2f} |")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Shared helpers of the FLARE tests: small real site caches and one-call simulator runs."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ultrafedfm.data.cache import CacheEntry, ManifestWriter, image_relpath, init_cache, salted_key, write_png
+from ultrafedfm.flare.job_builder import export_job_folder
+from ultrafedfm.flare.job_spec import JOB_SPECS, JobSpec
+from ultrafedfm.flare.run_state import RunState
+from ultrafedfm.flare.simulation import SimulationResult, prepare_workspace, run_simulation
+
+
+def make_cache(root: Path, *, n_images: int, size: int = 16, seed: int = 0, brightness: float = 0.5) -> Path:
+    """A real site cache (the ingest format) of smooth random images; ``brightness`` makes sites non-IID."""
+    rng = np.random.default_rng(seed)
+    salt = init_cache(root, image_size=size)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    with ManifestWriter(root) as manifest:
+        for i in range(n_images):
+            fx, fy, phase = rng.uniform(1, 3), rng.uniform(1, 3), rng.uniform(0, 6.28)
+            img = brightness + 0.3 * np.sin(6.28 * (fx * xx + fy * yy) + phase) + 0.05 * rng.standard_normal((size, size))
+            img = (np.clip(img, 0, 1) * 255).astype(np.uint8)
+            key = salted_key(salt, "test", i)
+            write_png(root, image_relpath(key), img)
+            manifest.add(CacheEntry(key=key, instance=key, image=image_relpath(key), source="image"))
+    return root
+
+
+def tiny_spec(tmp: Path, **changes) -> JobSpec:
+    base = dict(
+        name="flare_test", img_size=16, num_rounds=2, warmup_rounds=1, batch_size=8, base_lr=1.5e-2,
+        min_sites=1, round_timeout_s=300, run_name="test", run_state_dir=str(tmp / "run"), degradations=False,
+    )
+    base.update(changes)
+    return dataclasses.replace(JOB_SPECS["mae_pretrain_tiny"], **base)
+
+
+def simulate(
+    tmp: Path, spec: JobSpec, site_configs: dict[str, dict], *, timeout_s: float = 300, **kwargs
+) -> tuple[SimulationResult, RunState]:
+    job_dir = export_job_folder(spec, tmp / "job", python=sys.executable)
+    workspace = tmp / "ws"
+    prepare_workspace(workspace, site_configs=site_configs)
+    result = run_simulation(job_dir=job_dir, workspace=workspace, clients=sorted(site_configs), timeout_s=timeout_s, **kwargs)
+    return result, RunState(spec.run_state_dir, spec.effective_run_name)
+
+
+def site(cache: Path, **extra) -> dict:
+    return {"cache": str(cache), "num_workers": 0, "num_threads": 1, **extra}

@@ -1,0 +1,40 @@
+"""The committed job folders are exactly what their Python definitions export."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ultrafedfm.cli import main
+from ultrafedfm.flare.job_builder import check_committed_jobs, diff_job_folders, export_job_folder
+from ultrafedfm.flare.job_spec import JOB_SPECS
+
+JOBS = Path(__file__).resolve().parents[2] / "jobs"
+
+
+def test_committed_jobs_do_not_drift():
+    drift = check_committed_jobs(JOBS)
+    assert set(drift) == {"mae_pretrain", "mae_pretrain_tiny"}
+    assert drift == {name: [] for name in drift}, "run `ultrafedfm jobs export` and commit jobs/"
+
+
+def test_a_changed_knob_is_reported_as_drift(tmp_path):
+    import dataclasses
+
+    spec = dataclasses.replace(JOB_SPECS["mae_pretrain"], num_rounds=299)
+    changed = export_job_folder(spec, tmp_path)
+    problems = diff_job_folders(JOBS / "mae_pretrain", changed)
+    assert problems == ["app/config/config_fed_server.json (differs)"]
+    assert main(["jobs", "check", "--dir", str(tmp_path)]) == 1
+
+
+def test_paper_job_folder_holds_the_paper_setup():
+    server = json.loads((JOBS / "mae_pretrain" / "app" / "config" / "config_fed_server.json").read_text())
+    spec = server["workflows"][0]["args"]["spec"]
+    assert (spec["preset"], spec["img_size"], spec["num_rounds"], spec["min_sites"]) == ("base", 224, 300, 3)
+    client = json.loads((JOBS / "mae_pretrain" / "app" / "config" / "config_fed_client.json").read_text())
+    executor = client["executors"][0]["executor"]
+    assert executor["path"].endswith("ClientAPIExecutor")
+    assert executor["args"]["params_transfer_type"] == "DIFF"
+    assert executor["args"]["command"][-1] == "ultrafedfm.flare.client_script"
+    meta = json.loads((JOBS / "mae_pretrain" / "meta.json").read_text())
+    assert meta["min_clients"] == 3

@@ -1,0 +1,226 @@
+"""``ultrafedfm demo``: federated MAE pretraining end to end, on this machine, with no setup.
+
+    ultrafedfm demo                      # about 2-3 min on a 2-core CPU
+    ultrafedfm demo --out runs/mine --rounds 5
+
+Generates three non-IID synthetic ultrasound sites (DICOM), adds pydicom's real ultrasound
+test files to site-1, ingests every site into its local cache, and runs the tiny pretraining
+job in the NVIDIA FLARE simulator: one FLARE client per site, each training in its own
+process and sending back only weight deltas. Prints a line per round, then a table of the
+losses and the paths of the global model, the encoder and the logs.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["register", "run", "run_demo"]
+
+DEFAULT_IMAGES_PER_SITE = 64
+DEFAULT_ROUNDS = 5
+# The tiny MAE learns visibly within a few rounds at this rate (peak 1e-2 * 16 / 256).
+DEMO_BASE_LR = 1e-2
+DEFAULT_IMAGE_SIZE = 32
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="federated MAE pretraining of 3 synthetic sites in the FLARE simulator (no setup needed)",
+        description="Generate 3 non-IID synthetic ultrasound sites, ingest them, and pretrain a tiny MAE "
+        "federated over them in the NVIDIA FLARE simulator. Everything is written under --out.",
+    )
+    parser.add_argument("--out", type=Path, help="output folder (default: ./runs/demo-<timestamp>)")
+    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help=f"federated rounds (default {DEFAULT_ROUNDS})")
+    parser.add_argument("--images-per-site", type=int, default=DEFAULT_IMAGES_PER_SITE)
+    parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="pixels per side")
+    parser.add_argument("--preset", choices=["tiny", "small", "base"], default="tiny")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=900.0, help="stop the simulation after this many s")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = args.out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    return run_demo(
+        out=out,
+        rounds=args.rounds,
+        images_per_site=args.images_per_site,
+        image_size=args.image_size,
+        preset=args.preset,
+        seed=args.seed,
+        timeout_s=args.timeout,
+    )
+
+
+def run_demo(
+    *,
+    out: Path,
+    rounds: int = DEFAULT_ROUNDS,
+    images_per_site: int = DEFAULT_IMAGES_PER_SITE,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    preset: str = "tiny",
+    seed: int = 0,
+    timeout_s: float = 900.0,
+    n_sites: int = 3,
+) -> int:
+    from ultrafedfm.flare.job_builder import export_job_folder
+    from ultrafedfm.flare.job_spec import JOB_SPECS
+    from ultrafedfm.flare.run_state import RunState
+    from ultrafedfm.flare.simulation import prepare_workspace, run_simulation
+    from ultrafedfm.flare.stats import RoundStats, format_round_line
+
+    out = Path(out).resolve()
+    if out.exists() and any(out.iterdir()):
+        _logger.error("%s exists and is not empty; pass another --out", out)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+
+    site_dirs = _make_sites(out / "sites", n_sites=n_sites, images_per_site=images_per_site, image_size=image_size, seed=seed)
+    caches = _ingest_sites(site_dirs, image_size=image_size)
+    names = [f"site-{i}" for i in range(1, n_sites + 1)]
+
+    spec = dataclasses.replace(
+        JOB_SPECS["mae_pretrain_tiny"],
+        name="ultrafedfm_demo",
+        preset=preset,
+        img_size=image_size,
+        num_rounds=rounds,
+        warmup_rounds=min(1, rounds),
+        base_lr=DEMO_BASE_LR,
+        seed=seed,
+        min_sites=n_sites,
+        run_name="demo",
+        run_state_dir=str(out / "run"),
+    )
+    job_dir = export_job_folder(spec, out / "job", python=sys.executable)
+    workspace = out / "flare"
+    prepare_workspace(workspace, site_configs={n: {"cache": str(c)} for n, c in zip(names, caches)})
+    state = RunState(out / "run", "demo")
+
+    printed = 0
+
+    def progress() -> None:
+        nonlocal printed
+        rows = state.read_rounds()
+        for row in rows[printed:]:
+            print(format_round_line(RoundStats(**row)), flush=True)
+        printed = len(rows)
+
+    print(f"running {rounds} federated rounds over {n_sites} sites in the FLARE simulator ...", flush=True)
+    result = run_simulation(job_dir=job_dir, workspace=workspace, clients=names, timeout_s=timeout_s, poll=progress)
+
+    # The simulator can exit 0 after an aborted job: judge by what the server saved.
+    rows = state.read_rounds()
+    final_model = state.dir / "final_model.pt"
+    encoder = state.dir / "encoder.pth"
+    problems = []
+    if len(rows) != rounds:
+        problems.append(f"{len(rows)} of {rounds} rounds completed")
+    if not any(r["applied"] for r in rows):
+        problems.append("no round updated the global model")
+    if not final_model.is_file() or not encoder.is_file():
+        problems.append("the final model / encoder was not written")
+    if problems:
+        _logger.error(
+            "the federated run FAILED (%s; simulator exit code %s). Server log: %s",
+            "; ".join(problems), result.returncode, result.server_log,
+        )
+        _print_log_tail(result.server_log)
+        return 1
+    _print_table(rows, names)
+    print(f"\nfinished in {time.monotonic() - started:.0f} s")
+    print(f"global model : {final_model}")
+    print(f"best model   : {state.best_model_path}")
+    print(f"encoder      : {encoder}  (timm-loadable ViT encoder)")
+    print(f"round stats  : {state.rounds_path}  (TensorBoard: {state.tensorboard_dir})")
+    print(f"server log   : {result.server_log}")
+    print(f"site logs    : {workspace}/site-*/log.txt")
+    return 0
+
+
+def _make_sites(root: Path, *, n_sites: int, images_per_site: int, image_size: int, seed: int) -> list[Path]:
+    from ultrafedfm.data.synth import generate_sites
+
+    print(f"generating {n_sites} non-IID synthetic ultrasound sites ({images_per_site} images each) ...", flush=True)
+    # Each site keeps its own scanner's frame size (part of what makes the sites non-IID).
+    sites = generate_sites(out_dir=root, n_sites=n_sites, images_per_site=images_per_site, seed=seed, progress=False)
+    copied = _copy_pydicom_ultrasound(Path(sites[0]) / "dicom" / "pydicom")
+    print(f"added {copied} real ultrasound DICOM files from pydicom's test data to site-1", flush=True)
+    return [Path(s) for s in sites]
+
+
+def _ingest_sites(site_dirs: list[Path], *, image_size: int) -> list[Path]:
+    from ultrafedfm.data.ingest import ingest_dicom_folder
+    from ultrafedfm.data.ingest_config import IngestConfig
+
+    config = IngestConfig(image_size=image_size)
+    caches = []
+    for site in site_dirs:
+        cache = site / "cache"
+        summary = ingest_dicom_folder(source=site / "dicom", cache=cache, config=config, workers=2, progress=False)
+        print(f"ingested {site.name}: {summary.images_written} images from {summary.added} DICOM files", flush=True)
+        caches.append(cache)
+    return caches
+
+
+def _copy_pydicom_ultrasound(dest: Path) -> int:
+    """Copy the ultrasound files shipped with pydicom / pydicom-data (no download)."""
+    import pydicom
+    import pydicom.data
+
+    folders = [Path(pydicom.data.__file__).parent / "test_files"]
+    try:
+        import data_store  # the pydicom-data package
+
+        folders.append(Path(data_store.__file__).parent / "data")
+    except ImportError:
+        pass
+    dest.mkdir(parents=True, exist_ok=True)
+    count = 0
+    pydicom_logger = logging.getLogger("pydicom")
+    level = pydicom_logger.level
+    pydicom_logger.setLevel(logging.ERROR)  # the test files are full of deliberate oddities
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for folder in folders:
+                for path in sorted(folder.glob("*.dcm")):
+                    try:
+                        header = pydicom.dcmread(path, stop_before_pixels=True)
+                    except Exception:  # pydicom's test data include deliberately broken files
+                        continue
+                    if getattr(header, "Modality", None) == "US":
+                        shutil.copy2(path, dest / path.name)
+                        count += 1
+    finally:
+        pydicom_logger.setLevel(level)
+    return count
+
+
+def _print_table(rows: list[dict], names: list[str]) -> None:
+    header = ["round", *names, "global"]
+    print("\n" + "  ".join(f"{h:>9}" for h in header))
+    for row in rows:
+        cells = [f"{row['round'] + 1:>9}"]
+        for name in names:
+            loss = row["loss"].get(name)
+            cells.append(f"{loss:>9.4f}" if loss is not None else f"{'failed':>9}")
+        g = row["global_loss"]
+        cells.append(f"{g:>9.4f}" if g is not None else f"{'skipped':>9}")
+        print("  ".join(cells))
+
+
+def _print_log_tail(path: Path, lines: int = 30) -> None:
+    if path.is_file():
+        tail = path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
+        print("\n".join(tail), file=sys.stderr)

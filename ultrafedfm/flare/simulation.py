@@ -1,0 +1,156 @@
+"""Run a pretraining job in the FLARE simulator, and leave no process behind.
+
+The simulator copies ``<workspace>/local/`` into every simulated site, so the sites' settings
+go into one ``site.yaml`` keyed by site name, next to a ``resources.json`` whose
+``class_allow_list`` admits our workflow and FLARE's ``ClientAPIExecutor`` besides FLARE's
+defaults (``job_builder.REQUIRED_CLASS_ALLOW_LIST``).
+
+We start ``nvflare.private.fed.app.simulator.simulator`` ourselves (what ``nvflare simulator``
+and ``FedJob.simulator_run`` do) so that we own its process group, and we end every process
+still working in the workspace when it returns -- site training processes run in their own
+sessions. Its exit code is not trusted: callers check the run's saved rounds.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+
+from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
+
+from ultrafedfm.flare.job_builder import REQUIRED_CLASS_ALLOW_LIST
+from ultrafedfm.site_config import SITE_CONFIG_FILE
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["SimulationResult", "prepare_workspace", "run_simulation", "workspace_processes"]
+
+SIMULATOR_MODULE = "nvflare.private.fed.app.simulator.simulator"
+SERVER_LOG = Path("server") / "log.txt"
+
+
+@dataclass
+class SimulationResult:
+    returncode: int | None  # None: we stopped it (timeout or on request)
+    seconds: float
+    workspace: Path
+
+    @property
+    def server_log(self) -> Path:
+        return self.workspace / SERVER_LOG
+
+
+def prepare_workspace(workspace: str | Path, *, site_configs: Mapping[str, Mapping[str, Any]]) -> Path:
+    """Write ``local/site.yaml`` (one entry per site) and ``local/resources.json``."""
+    local = Path(workspace) / "local"
+    local.mkdir(parents=True, exist_ok=True)
+    sites = {name: {k: str(v) if isinstance(v, Path) else v for k, v in cfg.items()} for name, cfg in site_configs.items()}
+    (local / SITE_CONFIG_FILE).write_text(yaml.safe_dump({"sites": sites}, sort_keys=True), encoding="utf-8")
+    allow = [*DEFAULT_CLASS_ALLOW_LIST, *REQUIRED_CLASS_ALLOW_LIST]
+    resources = {"format_version": 2, "class_allow_list": allow}
+    (local / "resources.json").write_text(json.dumps(resources, indent=2), encoding="utf-8")
+    return local
+
+
+def run_simulation(
+    *,
+    job_dir: str | Path,
+    workspace: str | Path,
+    clients: list[str],
+    timeout_s: float = 900.0,
+    log_config: str = "concise",
+    stop_when: Callable[[], bool] | None = None,
+    poll: Callable[[], None] | None = None,
+) -> SimulationResult:
+    """Run ``job_dir`` with ``clients`` in ``workspace``; stop it after ``timeout_s`` or when
+    ``stop_when()`` turns true (tests use that to kill a "server" mid-job). ``poll`` is called
+    about once a second (the demo prints round progress from it).
+    """
+    workspace = Path(workspace).resolve()
+    command = [
+        sys.executable, "-m", SIMULATOR_MODULE, str(Path(job_dir).resolve()),
+        "-w", str(workspace), "-c", ",".join(clients), "-t", str(len(clients)), "-l", log_config,
+    ]
+    env = dict(os.environ, GRPC_ENABLE_FORK_SUPPORT="False", GRPC_POLL_STRATEGY="poll")
+    start = time.monotonic()
+    log_file = (workspace.parent / f"{workspace.name}.simulator.log").open("ab")
+    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    returncode: int | None = None
+    try:
+        while True:
+            try:
+                returncode = process.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if poll is not None:
+                poll()
+            if time.monotonic() - start > timeout_s:
+                _logger.error("simulation exceeded %.0f s; stopping it", timeout_s)
+                break
+            if stop_when is not None and stop_when():
+                _logger.info("stopping the simulation on request")
+                break
+    finally:
+        if returncode is None:
+            _signal_group(process.pid, signal.SIGKILL)
+            process.wait()
+        _end_workspace_processes(workspace)
+        log_file.close()
+    if poll is not None:
+        poll()
+    return SimulationResult(returncode=returncode, seconds=time.monotonic() - start, workspace=workspace)
+
+
+def workspace_processes(workspace: str | Path) -> list[int]:
+    """PIDs of processes whose working directory or command line lies in ``workspace``."""
+    root = str(Path(workspace).resolve())
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cwd = os.readlink(entry / "cwd")
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if cwd == root or cwd.startswith(root + os.sep) or root in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def _end_workspace_processes(workspace: Path, grace_s: float = 5.0) -> None:
+    """Stop what the simulator left running in ``workspace`` (site trainers live in their own sessions)."""
+    deadline = time.monotonic() + grace_s
+    pids = workspace_processes(workspace)
+    while pids and time.monotonic() < deadline:
+        time.sleep(0.2)
+        pids = workspace_processes(workspace)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)
+        pids = workspace_processes(workspace)
+        if not pids:
+            return
+    if pids:
+        _logger.warning("processes still running in %s: %s", workspace, pids)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
