@@ -69,6 +69,8 @@ def test_init_and_add_site_keep_the_root_ca(tmp_path, capsys, caplog):
     assert site_config.privacy.require_secure_aggregation is True
     for name in ("privacy.json", "authorization.json", "resources.json", "consortium.json"):
         json.loads((site_local / name).read_text())  # valid JSON, placeholders filled
+    site_resources = json.loads((site_local / "resources.json").read_text())
+    assert "nvflare.app_common.executors.client_api_executor.ClientAPIExecutor" in site_resources["class_allow_list"]
     assert "site-2" in (first / "site-2" / "README.md").read_text()
     server_local = json.loads((first / "localhost" / "local" / "consortium.json").read_text())
     assert server_local["sites"] == ["site-1", "site-2"] and server_local["root_ca_sha256"] == fingerprint

@@ -22,6 +22,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from nvflare.lighter.spec import Builder, Project, ProvisionContext
 
+from ultrafedfm.flare.job_builder import REQUIRED_CLASS_ALLOW_LIST
+
 _logger = logging.getLogger(__name__)
 
 __all__ = ["SiteKitBuilder"]
@@ -79,7 +81,7 @@ class SiteKitBuilder(Builder):
             if component.get("id") == "job_manager":
                 component["args"]["uri_root"] = f"{store}/jobs-storage"
         resources["components"].append({"id": "consortium_allow_list", "path": ALLOW_LIST_COMPONENT, "args": {}})
-        resources.setdefault("class_allow_list", []).append(ALLOW_LIST_COMPONENT)
+        _allow_classes(resources, [ALLOW_LIST_COMPONENT, *REQUIRED_CLASS_ALLOW_LIST])
         _write_json(local / "resources.json", resources)
 
     def _build_site(self, client, ctx: ProvisionContext, consortium: dict[str, Any]) -> None:
@@ -98,7 +100,9 @@ class SiteKitBuilder(Builder):
         _write_json(local / "consortium.json", consortium)
         resources = json.loads((local / "resources.json.default").read_text())
         overlay = json.loads(_fill(self.template_dir / RESOURCES_OVERLAY, values))
-        _write_json(local / "resources.json", _merge_resources(resources, overlay))
+        resources = _merge_resources(resources, overlay)
+        _allow_classes(resources, list(REQUIRED_CLASS_ALLOW_LIST))
+        _write_json(local / "resources.json", resources)
 
 
 def _fill(path: Path, values: dict[str, str]) -> str:
@@ -120,6 +124,12 @@ def _merge_resources(resources: dict[str, Any], overlay: dict[str, Any]) -> dict
         raise ValueError(f"resources.json overlay names unknown components: {', '.join(by_id)}")
     resources.update(overlay)
     return resources
+
+
+def _allow_classes(resources: dict[str, Any], classes: list[str]) -> None:
+    """Admit our job components (FLARE 2.9 enforces ``class_allow_list`` for jobs without custom code)."""
+    allowed = resources.setdefault("class_allow_list", [])
+    allowed += [c for c in classes if c not in allowed]
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
