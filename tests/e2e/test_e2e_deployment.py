@@ -25,6 +25,7 @@ from cryptography.x509.oid import NameOID
 from nvflare.fuel.flare_api.api_spec import JobNotFound, JobNotRunning
 from nvflare.fuel.flare_api.flare_api import new_secure_session
 
+from ultrafedfm.cli import main
 from ultrafedfm.data.ingest import ingest_dicom_folder
 from ultrafedfm.data.ingest_config import IngestConfig
 from ultrafedfm.data.synth import generate_sites
@@ -115,17 +116,19 @@ def deployment(tmp_path_factory):
         dep.stop()  # idempotent: the last test stops it first and checks for leftovers
 
 
-def test_three_sites_join_over_mutual_tls(deployment):
+def test_three_sites_join_over_mutual_tls(deployment, capsys):
     assert registered_sites(deployment) == set(SITES)
     fed_client = json.loads((deployment.kit("site-1") / "startup" / "fed_client.json").read_text())
     assert fed_client["client"]["connection_security"] == "mtls"
     # `ultrafedfm kit check` at a healthy site: every check passes, data and resources included.
-    results = {r.name: r for r in check_site_kit(deployment.kit("site-1"))}
-    assert all(r.ok for r in results.values()), results
-    assert set(results) == {"certificate", "root CA", "server", "site.yaml", "data", "resources"}
+    assert main(["kit", "check", "--kit", str(deployment.kit("site-1"))]) == 0
+    out = capsys.readouterr().out
+    for check in ("certificate", "root CA", "server", "site.yaml", "data", "resources"):
+        assert f"[ok] {check}:" in out, out
+    assert "6 passed, 0 failed" in out
 
 
-def test_site_from_another_ca_never_joins_and_kit_check_names_it(deployment, tmp_path):
+def test_site_from_another_ca_never_joins_and_kit_check_names_it(deployment, tmp_path, capsys):
     other = Deployment.provision(tmp_path / "other", ["site-4"], name="other-consortium")
     kit = other.kit("site-4")
     # Point the foreign kit at our server (same host, same port), as a mis-distributed kit would be.
@@ -141,6 +144,10 @@ def test_site_from_another_ca_never_joins_and_kit_check_names_it(deployment, tmp
                                                   expected_ca_sha256=deployment.provisioned.root_ca_sha256)}
     assert not results["root CA"].ok and "CA mismatch" in results["root CA"].message
     assert not results["server"].ok and "CA mismatch" in results["server"].message
+    # The same from the command line, with the fingerprint the consortium sent by a second channel.
+    assert main(["kit", "check", "--kit", str(kit), "--no-data",
+                 "--ca-fingerprint", deployment.provisioned.root_ca_sha256]) == 1
+    assert "[FAIL] server: CA mismatch" in capsys.readouterr().out
     deployment.processes.pop("site-4").kill()
 
 
@@ -179,13 +186,14 @@ def test_tiny_job_submitted_with_nvflare_runs_rounds_and_downloads(deployment, t
                 if last:
                     last_rounds.append(last)
                 if console is None:
-                    console = others.submit(deployment.admin_console, [f"show_stats {job_id} server"])
+                    console = others.submit(deployment.admin_console, [f"show_stats {job_id} server", "check_status server"])
                     cli_stats = others.submit(deployment.nvflare, "job", "stats", job_id)
             if "FINISHED" in str(session.get_job_meta(job_id).get("status")):
                 break
             time.sleep(0.5)
     finally:
         session.close()
+    deployment.nvflare("job", "wait", job_id, "--timeout", "120")
     meta = deployment.nvflare("job", "meta", job_id)
     assert "FINISHED:COMPLETED" in json.dumps(meta["data"]), meta
     assert len(progress) >= 2, f"rounds did not visibly advance in the job's stats: {progress}"
@@ -195,6 +203,7 @@ def test_tiny_job_submitted_with_nvflare_runs_rounds_and_downloads(deployment, t
     cli_text = json.dumps(cli_stats.result(timeout=120))
     others.shutdown()
     assert "current_round" in console_text and "MaePretrainController" in console_text, console_text[-2000:]
+    assert "Registered clients: 3" in console_text, console_text[-2000:]
     assert "current_round" in cli_text, cli_text[-2000:]
     listed = deployment.nvflare("job", "list")
     assert job_id in json.dumps(listed)
@@ -204,7 +213,10 @@ def test_tiny_job_submitted_with_nvflare_runs_rounds_and_downloads(deployment, t
     assert {"final_model.pt", "encoder.pth"} <= set(models), sorted(models)
     mae = build_mae("tiny", img_size=32)
     mae.load_state_dict(torch.load(models["final_model.pt"], map_location="cpu"))
-    vit = timm.create_model(timm_model_name(mae), pretrained=False, in_chans=1, num_classes=2, **timm_model_kwargs(mae))
+    # As docs/researcher.md shows it: the sidecar JSON names the timm model and its arguments.
+    meta = json.loads(models["encoder.pth"].with_suffix(".json").read_text())
+    assert meta["timm_model"] == timm_model_name(mae) and meta["timm_kwargs"] == timm_model_kwargs(mae)
+    vit = timm.create_model(meta["timm_model"], pretrained=False, in_chans=1, num_classes=2, **meta["timm_kwargs"])
     missing, unexpected = vit.load_state_dict(torch.load(models["encoder.pth"], map_location="cpu"), strict=False)
     assert set(missing) == {"head.weight", "head.bias"} and not unexpected
     # Sites outside the consortium never received the job.
