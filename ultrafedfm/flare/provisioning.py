@@ -23,7 +23,7 @@ from ultrafedfm.kit.consortium import ConsortiumConfig, SiteSpec, add_site, proj
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["ProvisionResult", "add_site_kit", "provision_consortium", "default_template_dir"]
+__all__ = ["ProvisionResult", "add_site_kit", "default_template_dir", "project_yaml", "provision_consortium"]
 
 FLARE_BUILDERS = [
     {"path": "nvflare.lighter.impl.workspace.WorkspaceBuilder"},
@@ -43,7 +43,12 @@ def default_template_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "site_templates"
 
 
-def _builders(config: ConsortiumConfig, template_dir: Path) -> list[dict]:
+def project_yaml(config: ConsortiumConfig, *, template_dir: str | Path) -> str:
+    """FLARE's project.yml for ``config``: FLARE's builders, then our site-kit builder."""
+    return yaml.safe_dump(project_dict(config, builders=_builders(config, template_dir)), sort_keys=False)
+
+
+def _builders(config: ConsortiumConfig, template_dir: str | Path) -> list[dict]:
     return [
         *FLARE_BUILDERS,
         {"path": "nvflare.lighter.impl.cert.CertBuilder", "args": {"root_valid_days": config.cert_valid_days}},
@@ -63,7 +68,7 @@ def provision_consortium(
     workspace = workspace.resolve()
     workspace.mkdir(parents=True, exist_ok=True)
     project_file = workspace / "project.yml"
-    project_file.write_text(yaml.safe_dump(project_dict(config, builders=_builders(config, template_dir)), sort_keys=False))
+    project_file.write_text(project_yaml(config, template_dir=template_dir))
     before = set(_prod_dirs(workspace, config.name))
     cmd = [sys.executable, "-m", "nvflare.cli", "provision", "-p", str(project_file), "-w", str(workspace), "--force"]
     proc = subprocess.run(cmd, cwd=workspace, capture_output=True, text=True, env=_env())
