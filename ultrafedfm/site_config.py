@@ -18,6 +18,13 @@ site, so a simulation needs the per-site map::
         cache: /data/site-2/cache
 
 Relative paths are taken relative to the folder holding ``site.yaml``.
+
+Secure aggregation signs each round's keys with the site's provisioned certificate: by default
+the kit's ``startup/client.crt`` / ``startup/client.key``, checked against ``startup/rootCA.pem``.
+An ``identity:`` section names other files; the FLARE simulator (no kits) uses it to point each
+simulated site at a throwaway simulation CA's certificate (``ultrafedfm.flare.simulation``)::
+
+    identity: {certificate: /sim/site-1/client.crt, private_key: /sim/site-1/client.key, root_ca: /sim/rootCA.pem}
 """
 from __future__ import annotations
 
@@ -30,7 +37,10 @@ from ultrafedfm.config import ConfigError, check, from_mapping, load_yaml
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["SITE_CONFIG_FILE", "PrivacyPolicy", "SiteConfig", "SiteResources", "find_site_config", "load_site_config"]
+__all__ = [
+    "SITE_CONFIG_FILE", "IdentityFiles", "PrivacyPolicy", "SiteConfig", "SiteResources", "find_site_config",
+    "load_site_config",
+]
 
 SITE_CONFIG_FILE = "site.yaml"
 
@@ -46,6 +56,17 @@ class SiteResources:
     def __post_init__(self) -> None:
         check(self.gpus >= 0, "gpus", "must be >= 0")
         check(self.min_memory_gb >= 0 and self.min_free_disk_gb >= 0, "min_memory_gb", "sizes must be >= 0")
+
+
+@dataclass
+class IdentityFiles:
+    """The site's certificate, its private key and the project's root CA (each ``None``: the kit's
+    ``startup/client.crt``, ``startup/client.key``, ``startup/rootCA.pem``). A deployment keeps the
+    kit's files; naming others is meant for the simulator."""
+
+    certificate: Path | None = None
+    private_key: Path | None = None
+    root_ca: Path | None = None
 
 
 @dataclass
@@ -80,6 +101,7 @@ class SiteConfig:
         num_workers: data-loader worker processes (0: load in the training process).
         resources: what the site declares it has (``None``: nothing declared).
         privacy: the site's privacy policy, enforced by the DP and secure-aggregation features.
+        identity: where the secure-aggregation identity is (``None``: the kit's ``startup/`` files).
     """
 
     cache: Path
@@ -90,6 +112,7 @@ class SiteConfig:
     num_workers: int = 2
     resources: SiteResources | None = None
     privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
+    identity: IdentityFiles | None = None
 
     def __post_init__(self) -> None:
         check(self.num_threads is None or self.num_threads >= 1, "num_threads", "must be at least 1")
@@ -121,6 +144,11 @@ def load_site_config(path: str | Path, *, site_name: str | None = None) -> SiteC
     config.cache = base / config.cache.expanduser()
     if config.dicom is not None:
         config.dicom = base / config.dicom.expanduser()
+    if config.identity is not None:
+        for name in ("certificate", "private_key", "root_ca"):
+            value = getattr(config.identity, name)
+            if value is not None:
+                setattr(config.identity, name, base / Path(value).expanduser())
     return config
 
 

@@ -34,6 +34,7 @@ def tiny_spec(tmp: Path, **changes) -> JobSpec:
     base = dict(
         name="flare_test", img_size=16, num_rounds=2, warmup_rounds=1, batch_size=8, base_lr=1.5e-2,
         min_sites=1, round_timeout_s=300, run_name="test", run_state_dir=str(tmp / "run"), degradations=False,
+        secure_aggregation=False,  # the plaintext FedAvg tests; test_flare_secagg*.py turn it on
     )
     base.update(changes)
     return dataclasses.replace(JOB_SPECS["mae_pretrain_tiny"], **base)
@@ -50,4 +51,11 @@ def simulate(
 
 
 def site(cache: Path, **extra) -> dict:
+    """A simulated site's site.yaml entry; by default its policy admits plaintext jobs (the FedAvg tests)."""
+    return {"cache": str(cache), "num_workers": 0, "num_threads": 1,
+            "privacy": {"require_secure_aggregation": False}, **extra}
+
+
+def secure_site(cache: Path, **extra) -> dict:
+    """A site with the default (strict) privacy policy: it requires secure aggregation."""
     return {"cache": str(cache), "num_workers": 0, "num_threads": 1, **extra}

@@ -62,7 +62,7 @@ def test_paper_job_spec_matches_the_paper_setup():
     spec = JOB_SPECS["mae_pretrain"]
     assert (spec.preset, spec.img_size, spec.num_rounds, spec.local_epochs) == ("base", 224, 300, 1)
     assert (spec.mask_ratio, spec.batch_size, spec.min_sites, spec.warmup_rounds) == (0.75, 64, 3, 40)
-    assert spec.secure_aggregation is False
+    assert spec.secure_aggregation is True  # on by default
 
 
 @pytest.mark.parametrize(
@@ -70,7 +70,10 @@ def test_paper_job_spec_matches_the_paper_setup():
     [
         ({"local_epochs": 1, "local_steps": 5}, "local_epochs"),
         ({"min_sites": 0}, "min_sites"),
-        ({"secure_aggregation": True}, "secure_aggregation"),
+        ({"secure_aggregation": True, "min_sites": 1}, "min_sites"),
+        ({"secure_aggregation": True, "secagg_max_sites": 1}, "secagg_max_sites"),
+        ({"secure_aggregation": True, "secagg_max_weight": 0.0}, "secagg_max_weight"),
+        ({"differential_privacy": True}, "differential_privacy"),
         ({"mask_ratio": 1.0}, "mask_ratio"),
     ],
 )

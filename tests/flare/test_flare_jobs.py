@@ -35,6 +35,10 @@ def test_paper_job_folder_holds_the_paper_setup():
     executor = client["executors"][0]["executor"]
     assert executor["path"].endswith("ClientAPIExecutor")
     assert executor["args"]["params_transfer_type"] == "DIFF"
+    # NumPy both ways: FLARE passes params untouched, so secure-aggregation bytes arrive intact.
+    assert executor["args"]["params_exchange_format"] == "numpy"
+    assert executor["args"].get("server_expected_format", "numpy") == "numpy"  # omitted when FLARE's default
+    assert spec["secure_aggregation"] is True and spec["secagg_phase_timeout_s"] == 60
     assert executor["args"]["command"][-1] == "ultrafedfm.flare.client_script"
     meta = json.loads((JOBS / "mae_pretrain" / "meta.json").read_text())
     assert meta["min_clients"] == 3

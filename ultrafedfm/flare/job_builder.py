@@ -62,7 +62,9 @@ def build_job(spec: JobSpec, *, python: str | None = None) -> FedJob:
         command=[python or "python3", "-u", "-m", CLIENT_SCRIPT_MODULE],
         launch_once=True,
         launch_timeout=spec.launch_timeout_s,
-        params_exchange_format=ExchangeFormat.PYTORCH,
+        # NumPy on both sides: FLARE passes params untouched (a PyTorch exchange drops
+        # non-tensors and converts arrays), so secure-aggregation bytes arrive bit-exact.
+        params_exchange_format=ExchangeFormat.NUMPY,
         server_expected_format=ExchangeFormat.NUMPY,
         params_transfer_type=TransferType.DIFF,
     )

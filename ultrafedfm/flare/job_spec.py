@@ -37,8 +37,15 @@ class JobSpec:
         run_name / run_state_dir: where the run's state lives, outside the job workspace, so a
             resubmitted job continues the run (``None``: the job name / ``<server
             workspace>/ultrafedfm_runs``).
-    Reserved (must stay false until their features land):
-        secure_aggregation: pairwise-masked sums (issue 5).
+    Secure aggregation (docs/secure-aggregation.md; on by default):
+        secure_aggregation: the server learns only the sum of the sites' weighted deltas
+            (Bonawitz et al. 2017); a round then needs ``min_sites`` >= 2 (3 recommended).
+        secagg_max_weight: FedAvg weights (image counts) are divided by this before masking; a
+            site with more images is refused. Keep it near the largest site's image count: the
+            mean delta is exact to about ``n * 2^-f * secagg_max_weight / total images``.
+        secagg_max_sites: the largest round the ring-overflow bound is checked for.
+        secagg_phase_timeout_s: how long each key-exchange / consistency / unmask phase waits.
+    Reserved (must stay false until its feature lands):
         differential_privacy: DP-SGD at each site.
     """
 
@@ -64,7 +71,10 @@ class JobSpec:
     run_name: str | None = None
     run_state_dir: str | None = None
     export_encoder: bool = True
-    secure_aggregation: bool = False
+    secure_aggregation: bool = True
+    secagg_max_weight: float = 100_000.0
+    secagg_max_sites: int = 32
+    secagg_phase_timeout_s: int = 60
     differential_privacy: bool = False
 
     def __post_init__(self) -> None:
@@ -86,16 +96,34 @@ class JobSpec:
         check(self.min_sites >= 1, "min_sites", "must be at least 1")
         check(self.round_timeout_s >= 0, "round_timeout_s", "must be >= 0 (0 waits forever)")
         check(self.task_request_interval_s > 0, "task_request_interval_s", "must be > 0")
-        check(not self.secure_aggregation, "secure_aggregation", "reserved: secure aggregation is not wired yet")
+        check(self.secagg_phase_timeout_s >= 1, "secagg_phase_timeout_s", "must be at least 1 s")
+        if self.secure_aggregation:
+            check(self.min_sites >= 2, "min_sites", "secure aggregation needs at least 2 sites per round (3 recommended)")
+            self.secagg_config()  # validates max_weight / max_sites against the ring bound, naming the key
         check(not self.differential_privacy, "differential_privacy", "reserved: DP-SGD is not wired yet")
 
     @property
     def effective_run_name(self) -> str:
         return self.run_name or self.name
 
+    def secagg_config(self) -> dict:
+        """``SecAggConfig`` fields of this job (sent to the sites with every secure-aggregation task)."""
+        from ultrafedfm.config import ConfigError
+        from ultrafedfm.secagg import SecAggConfig
+
+        fields = {"min_sites": self.min_sites, "max_sites": self.secagg_max_sites, "max_weight": self.secagg_max_weight}
+        try:
+            SecAggConfig(**fields)
+        except ConfigError as exc:
+            key = {"min_sites": "min_sites", "max_sites": "secagg_max_sites", "max_weight": "secagg_max_weight"}.get(
+                exc.key, "secagg_max_sites")
+            raise ConfigError(f"secure aggregation: {exc.bare_message}", key=key) from None
+        return fields
+
     def local_training(self) -> dict:
         """What a site needs to train one round (sent in every task's meta)."""
         return {
+            "job": self.name,
             "preset": self.preset,
             "img_size": self.img_size,
             "mask_ratio": self.mask_ratio,
@@ -127,7 +155,9 @@ JOB_SPECS: dict[str, JobSpec] = {
         warmup_rounds=1,
         batch_size=16,
         base_lr=1.5e-3,
-        min_sites=2,
+        min_sites=3,
         round_timeout_s=600,
+        secagg_max_weight=1_000.0,
+        secagg_phase_timeout_s=30,
     ),
 }

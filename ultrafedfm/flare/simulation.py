@@ -5,6 +5,13 @@ go into one ``site.yaml`` keyed by site name, next to a ``resources.json`` whose
 ``class_allow_list`` admits our workflow and FLARE's ``ClientAPIExecutor`` besides FLARE's
 defaults (``job_builder.REQUIRED_CLASS_ALLOW_LIST``).
 
+Secure aggregation needs certificates, which a simulation has no kits for: ``prepare_workspace``
+makes a SIMULATION-ONLY CA (``secagg_identity.make_simulation_identities``) next to the
+workspace (``<workspace>.identities/``; the simulator wipes everything in the workspace but
+``local/`` and ``startup/``), puts its certificate at ``<workspace>/startup/rootCA.pem`` (the
+simulator copies ``startup/`` to the server and every site, where a kit has its root CA) and
+names each site's certificate and key in its ``identity:`` entry. A deployment uses its kits.
+
 We start ``nvflare.private.fed.app.simulator.simulator`` ourselves (what ``nvflare simulator``
 and ``FedJob.simulator_run`` do) so that we own its process group, and we end every process
 still working in the workspace when it returns -- site training processes run in their own
@@ -28,6 +35,7 @@ import yaml
 from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
 
 from ultrafedfm.flare.job_builder import REQUIRED_CLASS_ALLOW_LIST
+from ultrafedfm.flare.secagg_identity import ROOT_CA_FILE, make_simulation_identities
 from ultrafedfm.site_config import SITE_CONFIG_FILE
 
 _logger = logging.getLogger(__name__)
@@ -49,11 +57,24 @@ class SimulationResult:
         return self.workspace / SERVER_LOG
 
 
-def prepare_workspace(workspace: str | Path, *, site_configs: Mapping[str, Mapping[str, Any]]) -> Path:
-    """Write ``local/site.yaml`` (one entry per site) and ``local/resources.json``."""
-    local = Path(workspace) / "local"
+def prepare_workspace(
+    workspace: str | Path, *, site_configs: Mapping[str, Mapping[str, Any]], simulation_identities: bool = True
+) -> Path:
+    """Write ``local/site.yaml`` (one entry per site) and ``local/resources.json``; with
+    ``simulation_identities``, a simulation-only CA and site certificates (a site entry that
+    already has an ``identity:`` keeps it)."""
+    workspace = Path(workspace)
+    local = workspace / "local"
     local.mkdir(parents=True, exist_ok=True)
     sites = {name: {k: str(v) if isinstance(v, Path) else v for k, v in cfg.items()} for name, cfg in site_configs.items()}
+    if simulation_identities:
+        identity_dir = workspace.parent / f"{workspace.name}.identities"
+        entries = make_simulation_identities(identity_dir, sorted(sites))
+        startup = workspace / "startup"
+        startup.mkdir(parents=True, exist_ok=True)
+        (startup / ROOT_CA_FILE).write_bytes((identity_dir / ROOT_CA_FILE).read_bytes())
+        for name, cfg in sites.items():
+            cfg.setdefault("identity", {k: v for k, v in entries[name].items() if k != "root_ca"})
     (local / SITE_CONFIG_FILE).write_text(yaml.safe_dump({"sites": sites}, sort_keys=True), encoding="utf-8")
     allow = [*DEFAULT_CLASS_ALLOW_LIST, *REQUIRED_CLASS_ALLOW_LIST]
     resources = {"format_version": 2, "class_allow_list": allow}

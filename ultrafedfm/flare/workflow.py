@@ -8,8 +8,9 @@ workspace (``run_state.RunState``), so a resubmitted job continues where a kille
 stopped. At the end it writes the final model and the timm-loadable encoder.
 
 A round is a list of phases (:meth:`MaePretrainController.round_phases`) sharing one
-:class:`RoundContext`; secure aggregation replaces the plain ``train`` + ``aggregate`` pair by
-its key-exchange / masked-input / unmask phases without touching the rest.
+:class:`RoundContext`. With ``secure_aggregation`` on (the default) the plain ``train`` +
+``aggregate`` pair is replaced by the key-exchange / masked-input / consistency / unmask /
+apply phases of ``secagg_workflow.SecAggPhases``; the rest of the round is the same.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -32,6 +33,7 @@ from nvflare.widgets.info_collector import GroupInfoCollector, InfoCollector
 from ultrafedfm.config import from_mapping
 from ultrafedfm.flare.job_spec import JobSpec
 from ultrafedfm.flare.run_state import RunCheckpoint, RunState
+from ultrafedfm.flare.secagg_workflow import SecAggPhases
 from ultrafedfm.flare.stats import RoundStats, TensorBoardSink, format_round_line
 from ultrafedfm.train.fedavg import apply_delta, round_learning_rate, weighted_mean_delta
 
@@ -61,12 +63,17 @@ class RoundContext:
     params: dict[str, np.ndarray]
     updates: dict[str, ReceivedUpdate] = field(default_factory=dict)
     new_params: dict[str, np.ndarray] | None = None
+    # secure aggregation: the round's SecAggServer, what the next phase sends, why the round aborted, the sum
+    secagg: Any = None
+    outbox: dict[str, np.ndarray] = field(default_factory=dict)
+    aborted: str | None = None
+    aggregate: Any = None
 
 
 RoundPhase = Callable[[RoundContext], None]
 
 
-class MaePretrainController(ModelController):
+class MaePretrainController(SecAggPhases, ModelController):
     def __init__(self, spec: dict, task_check_period: float = 0.2):
         """Runs the rounds of the job described by ``spec`` (a ``JobSpec`` as a mapping).
 
@@ -125,6 +132,8 @@ class MaePretrainController(ModelController):
 
     def round_phases(self) -> list[RoundPhase]:
         """The phases of one round, in order (secure aggregation substitutes its own)."""
+        if self._job.secure_aggregation:
+            return self.secagg_round_phases()
         return [self.train_phase, self.aggregate_phase]
 
     def train_phase(self, ctx: RoundContext) -> None:
@@ -151,6 +160,9 @@ class MaePretrainController(ModelController):
         for result in results:
             site = result.meta.get("client_name", "?")
             problem = self._check_result(result, ctx.params)
+            if "refused" in result.meta:
+                problem = f"refused by the site's policy: {result.meta['refused']}"
+                self.error(f"round {stats.round + 1}: site {site} {problem}")
             if problem:
                 stats.failed[site] = problem
                 continue
