@@ -6,9 +6,12 @@ overhead = (round wall time - slowest site's training time) / round wall time
 -- sending the global model, loading it, computing and sending the delta, FLARE's task polling,
 the server's aggregation and checkpoint -- is overhead. Round 1 also pays for starting the sites'
 training processes and opening their caches, so it is reported apart from the later rounds.
+Each preset runs with secure aggregation on and off, side by side, and the ratio of their round
+times is printed (the masking, key exchange and unmask phases are all overhead).
 
-    .venv/bin/python bench/bench_federation.py                        # tiny + small, small sizes (~3 min)
-    .venv/bin/python bench/bench_federation.py --presets small --images-per-site 500 --image-size 224
+    .venv/bin/python bench/bench_federation.py                        # tiny + small, small sizes (~6 min)
+    .venv/bin/python bench/bench_federation.py --presets small --images-per-site 500 --image-size 112 \
+        --batch-size 64 --rounds 2 --secure-aggregation off
 """
 from __future__ import annotations
 
@@ -46,20 +49,23 @@ def make_cache(root: Path, *, n_images: int, size: int, seed: int) -> Path:
     return root
 
 
-def run_preset(args: argparse.Namespace, preset: str, image_size: int, tmp: Path) -> dict:
+def run_preset(args: argparse.Namespace, preset: str, image_size: int, tmp: Path, *, secure: bool) -> dict:
     sites = [f"site-{i}" for i in range(1, args.sites + 1)]
-    caches = {n: make_cache(tmp / preset / n, n_images=args.images_per_site, size=image_size, seed=i)
+    tmp = tmp / preset / ("secagg" if secure else "plain")
+    caches = {n: make_cache(tmp / n, n_images=args.images_per_site, size=image_size, seed=i)
               for i, n in enumerate(sites)}
     spec = dataclasses.replace(
         JOB_SPECS["mae_pretrain_tiny"], name=f"bench_{preset}", preset=preset, img_size=image_size,
         num_rounds=args.rounds, warmup_rounds=1, local_epochs=1, batch_size=args.batch_size,
-        min_sites=args.sites, degradations=True, run_name="bench", run_state_dir=str(tmp / preset / "run"),
-        round_timeout_s=0,
+        min_sites=args.sites, degradations=True, run_name="bench", run_state_dir=str(tmp / "run"),
+        round_timeout_s=0, secure_aggregation=secure,
     )
-    job_dir = export_job_folder(spec, tmp / preset / "job", python=sys.executable)
-    workspace = tmp / preset / "ws"
+    job_dir = export_job_folder(spec, tmp / "job", python=sys.executable)
+    workspace = tmp / "ws"
     prepare_workspace(workspace, site_configs={
-        n: {"cache": str(c), "num_workers": 0, "num_threads": max(1, args.threads_per_site)} for n, c in caches.items()
+        n: {"cache": str(c), "num_workers": 0, "num_threads": max(1, args.threads_per_site),
+            "privacy": {"require_secure_aggregation": secure}}
+        for n, c in caches.items()
     })
     result = run_simulation(job_dir=job_dir, workspace=workspace, clients=sites, timeout_s=args.timeout)
     rows = RunState(spec.run_state_dir, "bench").read_rounds()
@@ -71,7 +77,7 @@ def run_preset(args: argparse.Namespace, preset: str, image_size: int, tmp: Path
         per_round.append((row["duration_s"], slowest, (row["duration_s"] - slowest) / row["duration_s"]))
     later = per_round[1:] or per_round
     return {
-        "preset": preset, "img": image_size, "first": per_round[0],
+        "preset": preset, "img": image_size, "first": per_round[0], "secure": secure,
         "wall": statistics.mean(r[0] for r in later), "train": statistics.mean(r[1] for r in later),
         "overhead": statistics.mean(r[2] for r in later), "mb": rows[-1]["bytes_received"] / 1e6 / args.sites,
     }
@@ -82,7 +88,8 @@ def main() -> int:
     parser.add_argument("--presets", default="tiny,small")
     parser.add_argument("--image-size", type=int, help="pixels (default: 32 for tiny, 64 for others)")
     parser.add_argument("--images-per-site", type=int, default=64)
-    parser.add_argument("--sites", type=int, default=2)
+    parser.add_argument("--sites", type=int, default=3, help="at least 3 with secure aggregation (its min_sites)")
+    parser.add_argument("--secure-aggregation", choices=("both", "on", "off"), default="both")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads-per-site", type=int, default=1)
@@ -96,16 +103,19 @@ def main() -> int:
             size = args.image_size or (32 if preset == "tiny" else 64)
             print(f"running {preset} at {size} px: {args.sites} sites x {args.images_per_site} images, "
                   f"{args.rounds} rounds ...", flush=True)
-            results.append(run_preset(args, preset, size, Path(tmp)))
+            for secure in {"both": (False, True), "on": (True,), "off": (False,)}[args.secure_aggregation]:
+                results.append(run_preset(args, preset, size, Path(tmp), secure=secure))
 
     print(f"\n{args.sites} sites x {args.images_per_site} images, 1 local epoch, batch {args.batch_size}; "
           f"rounds 2..{args.rounds} averaged (round 1 apart: it starts the site processes)")
-    print(f"{'preset':>7} {'px':>4} {'round s':>8} {'slowest train s':>16} {'overhead':>9} "
-          f"{'round 1 overhead':>17} {'MB/site/round':>14}")
+    print(f"{'preset':>7} {'px':>4} {'secagg':>6} {'round s':>8} {'slowest train s':>16} {'overhead':>9} "
+          f"{'round 1 overhead':>17} {'MB/site/round':>14} {'round / plain':>14}")
+    plain = {r["preset"]: r["wall"] for r in results if not r["secure"]}
     for r in results:
         first_wall, first_train, first_over = r["first"]
-        print(f"{r['preset']:>7} {r['img']:>4} {r['wall']:>8.2f} {r['train']:>16.2f} {r['overhead']:>8.1%} "
-              f"{first_over:>16.1%} {r['mb']:>14.2f}")
+        ratio = f"{r['wall'] / plain[r['preset']]:.2f}" if r["preset"] in plain else "-"
+        print(f"{r['preset']:>7} {r['img']:>4} {'on' if r['secure'] else 'off':>6} {r['wall']:>8.2f} "
+              f"{r['train']:>16.2f} {r['overhead']:>8.1%} {first_over:>16.1%} {r['mb']:>14.2f} {ratio:>14}")
     return 0
 
 

@@ -6,7 +6,8 @@
 Generates three non-IID synthetic ultrasound sites (DICOM), adds pydicom's real ultrasound
 test files to site-1, ingests every site into its local cache, and runs the tiny pretraining
 job in the NVIDIA FLARE simulator: one FLARE client per site, each training in its own
-process and sending back only weight deltas. Prints a line per round, then a table of the
+process and sending back only its weight delta, masked by secure aggregation (the server
+unmasks only the sum; the simulation uses a throwaway CA for the sites' keys). Prints a line per round, then a table of the
 losses and the paths of the global model, the encoder and the logs.
 """
 from __future__ import annotations
