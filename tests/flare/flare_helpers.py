@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from ultrafedfm.data.cache import CacheEntry, ManifestWriter, image_relpath, ini
 from ultrafedfm.flare.job_builder import export_job_folder
 from ultrafedfm.flare.job_spec import JOB_SPECS, JobSpec
 from ultrafedfm.flare.run_state import RunState
-from ultrafedfm.flare.simulation import SimulationResult, prepare_workspace, run_simulation
+from ultrafedfm.flare.simulation import SimulationResult, prepare_workspace, run_simulation, workspace_processes
 
 
 def make_cache(root: Path, *, n_images: int, size: int = 16, seed: int = 0, brightness: float = 0.5) -> Path:
@@ -59,3 +60,17 @@ def site(cache: Path, **extra) -> dict:
 def secure_site(cache: Path, **extra) -> dict:
     """A site with the default (strict) privacy policy: it requires secure aggregation."""
     return {"cache": str(cache), "num_workers": 0, "num_threads": 1, **extra}
+
+
+def site_trainer_pids(workspace: Path, site_name: str) -> list[int]:
+    """PIDs of the site's training process (the client script FLARE launched for it)."""
+    pids = []
+    for pid in workspace_processes(workspace):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            continue
+        if b"ultrafedfm.flare.client_script" in cmdline and f"{os.sep}{site_name}{os.sep}" in cwd:
+            pids.append(pid)
+    return pids

@@ -10,24 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flare_helpers import make_cache, simulate, site, tiny_spec
+from flare_helpers import make_cache, simulate, site, site_trainer_pids, tiny_spec
 from ultrafedfm.flare.model_io import build_model, model_params
 from ultrafedfm.flare.simulation import workspace_processes
 
 pytestmark = pytest.mark.slow
-
-
-def _site_trainer_pids(workspace: Path, site_name: str) -> list[int]:
-    pids = []
-    for pid in workspace_processes(workspace):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            cwd = os.readlink(f"/proc/{pid}/cwd")
-        except OSError:
-            continue
-        if b"ultrafedfm.flare.client_script" in cmdline and f"{os.sep}{site_name}{os.sep}" in cwd:
-            pids.append(pid)
-    return pids
 
 
 def test_a_site_whose_training_raises_is_reported_and_the_round_completes(tmp_path):
@@ -73,7 +60,7 @@ def test_a_site_process_killed_mid_round_is_reported_and_the_others_go_on(tmp_pa
         if killed or not state_rounds.is_file() or not state_rounds.read_text().strip():
             return
         time.sleep(1.0)
-        for pid in _site_trainer_pids(workspace, "site-2"):
+        for pid in site_trainer_pids(workspace, "site-2"):
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from flare_helpers import make_cache, secure_site, simulate, site, tiny_spec
+from flare_helpers import make_cache, secure_site, simulate, site, site_trainer_pids, tiny_spec
 from ultrafedfm.flare.model_io import build_model, model_params
 from ultrafedfm.flare.simulation import workspace_processes
 from ultrafedfm.flare.site_training import SiteTrainer
@@ -131,19 +131,6 @@ def test_secure_round_equals_plaintext_fedavg_and_no_single_delta_reaches_the_se
             assert not leaked, f"{path} holds pieces of {name}'s delta"
 
 
-def _client_script_pids(workspace: Path, site_name: str) -> list[int]:
-    pids = []
-    for pid in workspace_processes(workspace):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            cwd = os.readlink(f"/proc/{pid}/cwd")
-        except OSError:
-            continue
-        if b"ultrafedfm.flare.client_script" in cmdline and f"{os.sep}{site_name}{os.sep}" in cwd:
-            pids.append(pid)
-    return pids
-
-
 def test_a_site_dying_after_its_masked_input_is_recovered_by_the_others(tmp_path):
     # site-4 has few images, so it masks and sends long before the others finish training;
     # we kill its process as soon as it logs that its masked input was sent.
@@ -158,7 +145,7 @@ def test_a_site_dying_after_its_masked_input_is_recovered_by_the_others(tmp_path
         while not done.is_set():
             text = sim_log.read_text(errors="replace") if sim_log.is_file() else ""
             if "site-4: round 1: masked input sent" in text:
-                for pid in _client_script_pids(workspace, "site-4"):
+                for pid in site_trainer_pids(workspace, "site-4"):
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
                 return
