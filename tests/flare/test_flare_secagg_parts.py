@@ -35,6 +35,14 @@ def test_a_strict_site_refuses_a_plaintext_job_naming_its_key_and_the_job(tmp_pa
     enforce_site_policy(relaxed, plaintext, site_name="site-1")
 
 
+def test_a_site_requiring_dp_refuses_a_job_without_it(tmp_path):
+    requires_dp = SiteConfig(cache=tmp_path, privacy=PrivacyPolicy(require_dp=True))
+    job = JOB_SPECS["mae_pretrain_tiny"].local_training()
+    with pytest.raises(PolicyRefusal, match=r"privacy\.require_dp: true"):
+        enforce_site_policy(requires_dp, job, site_name="site-3")
+    enforce_site_policy(requires_dp, {**job, "differential_privacy": True}, site_name="site-3")
+
+
 def test_secure_aggregation_is_on_in_both_committed_jobs():
     for spec in JOB_SPECS.values():
         assert spec.secure_aggregation and spec.min_sites >= 3

@@ -39,6 +39,9 @@ class PolicyRefusal(RuntimeError):
     """The job asks for less protection than the site's policy; the message is safe to send to the server."""
 
 
+DP_POLICY_KEY = "privacy.require_dp"
+
+
 def enforce_site_policy(site_config: SiteConfig, training: Mapping[str, Any], *, site_name: str) -> None:
     """Raise :class:`PolicyRefusal` when the job turns off what the site's policy requires."""
     if site_config.privacy.require_secure_aggregation and not training.get("secure_aggregation", False):
@@ -46,6 +49,13 @@ def enforce_site_policy(site_config: SiteConfig, training: Mapping[str, Any], *,
             f"site '{site_name}' refuses job '{training.get('job', '?')}': the job turns secure aggregation off, and "
             f"the site's site.yaml sets {POLICY_KEY}: true. Run the job with secure_aggregation: true (or the "
             f"site's IT changes {POLICY_KEY} in its own site.yaml)")
+    # DP-SGD is not wired into the jobs yet, so a site that requires it refuses every job rather
+    # than train without it: its policy is never ignored.
+    if site_config.privacy.require_dp and not training.get("differential_privacy", False):
+        raise PolicyRefusal(
+            f"site '{site_name}' refuses job '{training.get('job', '?')}': the job does not train with DP-SGD, and "
+            f"the site's site.yaml sets {DP_POLICY_KEY}: true. Run a job with differential_privacy: true (or the "
+            f"site's IT changes {DP_POLICY_KEY} in its own site.yaml)")
 
 
 class SiteSecureAggregation:

@@ -32,7 +32,9 @@ from ultrafedfm.secagg.errors import (
     AuthenticationError, IdentityError, ProtocolError, RoundAborted, ShareRequestRefused,
 )
 from ultrafedfm.secagg.identity import SiteIdentity, verify_signed_by_site
-from ultrafedfm.secagg.masks import CHUNK_ELEMENTS, MaskStream, agree, apply_streams, derive_key, pair_sign
+from ultrafedfm.secagg.masks import (
+    CHUNK_ELEMENTS, MaskStream, agree, apply_streams, derive_key, length_prefixed, pair_sign,
+)
 from ultrafedfm.secagg.messages import (
     SERVER, AdvertiseKeys, EncryptedShares, KeyRoster, MaskedInput, ShareDelivery, SurvivorList, SurvivorSignature,
     UnmaskRequest, UnmaskResponse, check_envelope, roster_payload, survivors_payload,
@@ -53,7 +55,7 @@ def share_associated_data(*, sender: str, receiver: str, job_id: str, round_numb
     """AES-GCM associated data of a share ciphertext: binds sender, receiver, job and round."""
     fields = [b"ultrafedfm-secagg/v1/shares", sender.encode(), receiver.encode(), job_id.encode(),
               round_number.to_bytes(8, "big")]
-    return b"".join(len(f).to_bytes(4, "big") + f for f in fields)
+    return length_prefixed(*fields)
 
 
 def verify_roster(roster: KeyRoster, *, root_ca: x509.Certificate, job_id: str, round_number: int) -> dict[str, AdvertiseKeys]:

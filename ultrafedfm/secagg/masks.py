@@ -41,13 +41,14 @@ _PROGRESS_MIN_WORK = 1 << 28  # element-stream additions (~1 s here) before a pr
 _PROTOCOL_LABEL = b"ultrafedfm-secagg/v1"
 
 
-def _length_prefixed(*fields: bytes) -> bytes:
+def length_prefixed(*fields: bytes) -> bytes:
+    """Unambiguous concatenation (4-byte big-endian length before each field) for KDF info and signatures."""
     return b"".join(len(f).to_bytes(4, "big") + f for f in fields)
 
 
 def derive_key(secret: bytes, *, purpose: str, job_id: str, round_number: int, sites: Sequence[str]) -> bytes:
     """32-byte key from ``secret`` bound to purpose, job, round and the (sorted) site names."""
-    info = _length_prefixed(
+    info = length_prefixed(
         _PROTOCOL_LABEL, purpose.encode(), job_id.encode(), round_number.to_bytes(8, "big"),
         *(s.encode() for s in sorted(sites)),
     )

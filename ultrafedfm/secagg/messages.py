@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Union
 import numpy as np
 
 from ultrafedfm.secagg.errors import ProtocolError
+from ultrafedfm.secagg.masks import length_prefixed
 
 _logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def signed_key_payload(*, site: str, job_id: str, round_number: int, c_public: b
     """The exact bytes a site signs for its round keys (length-prefixed, domain-separated)."""
     fields = [b"ultrafedfm-secagg/v1/advertise-keys", site.encode(), job_id.encode(),
               round_number.to_bytes(8, "big"), c_public, s_public]
-    return b"".join(len(f).to_bytes(4, "big") + f for f in fields)
+    return length_prefixed(*fields)
 
 
 def roster_payload(*, site: str, job_id: str, round_number: int, advertisements: "tuple[AdvertiseKeys, ...]") -> bytes:
@@ -81,7 +82,7 @@ def roster_payload(*, site: str, job_id: str, round_number: int, advertisements:
             digest.update(len(part).to_bytes(4, "big") + part)
     fields = [b"ultrafedfm-secagg/v1/roster", site.encode(), job_id.encode(), round_number.to_bytes(8, "big"),
               digest.digest()]
-    return b"".join(len(f).to_bytes(4, "big") + f for f in fields)
+    return length_prefixed(*fields)
 
 
 @dataclass(frozen=True)
@@ -155,11 +156,11 @@ def survivors_payload(*, site: str, job_id: str, round_number: int, survivors: t
                       dropped: tuple[str, ...]) -> bytes:
     """The bytes a site signs to attest the survivor list it was shown (consistency check)."""
     def names(items: tuple[str, ...]) -> bytes:
-        return b"".join(len(n.encode()).to_bytes(4, "big") + n.encode() for n in sorted(items))
+        return length_prefixed(*(n.encode() for n in sorted(items)))
 
     fields = [b"ultrafedfm-secagg/v1/survivors", site.encode(), job_id.encode(), round_number.to_bytes(8, "big"),
               names(survivors), names(dropped)]
-    return b"".join(len(f).to_bytes(4, "big") + f for f in fields)
+    return length_prefixed(*fields)
 
 
 @dataclass(frozen=True)
