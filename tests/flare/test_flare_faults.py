@@ -50,8 +50,9 @@ def test_fewer_than_min_sites_ends_the_round_without_updating_the_model(tmp_path
 
 def test_a_site_process_killed_mid_round_is_reported_and_the_others_go_on(tmp_path):
     caches = {n: make_cache(tmp_path / n, n_images=8, seed=i) for i, n in enumerate(["site-1", "site-2"])}
-    # Enough steps that the kill lands while round 2 trains.
-    spec = tiny_spec(tmp_path, num_rounds=2, min_sites=1, local_epochs=None, local_steps=150)
+    # Enough steps that the kill (1 s into round 2) lands while site-2 still trains, even on an
+    # idle machine where 150 steps could finish first.
+    spec = tiny_spec(tmp_path, num_rounds=2, min_sites=1, local_epochs=None, local_steps=600)
     state_rounds = Path(spec.run_state_dir) / "test" / "rounds.jsonl"
     workspace = tmp_path / "ws"
     killed: list[int] = []
