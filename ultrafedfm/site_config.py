@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ultrafedfm.config import ConfigError, check, from_mapping, load_yaml
+from ultrafedfm.privacy.policy import PrivacyPolicy
 
 _logger = logging.getLogger(__name__)
 
@@ -70,25 +71,6 @@ class IdentityFiles:
 
 
 @dataclass
-class PrivacyPolicy:
-    """The site's minimum protection for any job; a job asking for less is refused by the site.
-
-    Enforced by the secure-aggregation and DP features (the defaults are the strict ones).
-    """
-
-    require_secure_aggregation: bool = True
-    require_dp: bool = False
-    max_epsilon: float | None = None
-    max_delta: float | None = None
-    min_noise_multiplier: float = 0.0
-
-    def __post_init__(self) -> None:
-        check(self.max_epsilon is None or self.max_epsilon > 0, "max_epsilon", "must be > 0 (or null)")
-        check(self.max_delta is None or 0 < self.max_delta < 1, "max_delta", "must be in (0, 1) (or null)")
-        check(self.min_noise_multiplier >= 0, "min_noise_multiplier", "must be >= 0")
-
-
-@dataclass
 class SiteConfig:
     """Where a site's data is and what training may use.
 
@@ -100,7 +82,7 @@ class SiteConfig:
         num_threads: torch intra-op threads for training (``None``: torch's default).
         num_workers: data-loader worker processes (0: load in the training process).
         resources: what the site declares it has (``None``: nothing declared).
-        privacy: the site's privacy policy, enforced by the DP and secure-aggregation features.
+        privacy: the site's privacy policy (``ultrafedfm.privacy.policy``), checked before every task.
         identity: where the secure-aggregation identity is (``None``: the kit's ``startup/`` files).
     """
 

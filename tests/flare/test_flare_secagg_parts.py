@@ -11,36 +11,59 @@ from nvflare.fuel.utils import fobs
 
 from ultrafedfm.flare.job_spec import JOB_SPECS
 from ultrafedfm.flare.secagg_identity import load_server_root_ca, load_site_identity, make_simulation_identities
-from ultrafedfm.flare.secagg_site import PolicyRefusal, SiteSecureAggregation, enforce_site_policy
+from ultrafedfm.flare.secagg_site import SiteSecureAggregation
 from ultrafedfm.flare.secagg_wire import SECAGG_KEY, message_from_params, message_to_array, site_key, split_params
 from ultrafedfm.flare.simulation import prepare_workspace
+from ultrafedfm.privacy import JobRequest, PolicyRefusal, PrivacyPolicy, admit_job
 from ultrafedfm.secagg import IdentityError, MaskedInput, SecAggConfig, SecAggServer
-from ultrafedfm.site_config import IdentityFiles, PrivacyPolicy, SiteConfig, load_site_config
+from ultrafedfm.site_config import IdentityFiles, SiteConfig, load_site_config
+
+
+def _request(spec=JOB_SPECS["mae_pretrain_tiny"], **changes) -> JobRequest:
+    fields = dict(job=spec.name, secure_aggregation=spec.secure_aggregation,
+                  differential_privacy=spec.differential_privacy, secagg=spec.secagg_config())
+    fields.update(changes)
+    return JobRequest(**fields)
 
 
 def test_a_strict_site_refuses_a_plaintext_job_naming_its_key_and_the_job(tmp_path):
     strict = SiteConfig(cache=tmp_path)
-    plaintext = {**JOB_SPECS["mae_pretrain_tiny"].local_training(), "secure_aggregation": False}
+    plaintext = _request(secure_aggregation=False, secagg=None)
     with pytest.raises(PolicyRefusal) as refusal:
-        enforce_site_policy(strict, plaintext, site_name="site-2")
+        admit_job(strict.privacy, plaintext, site_name="site-2")
     message = str(refusal.value)
     assert "privacy.require_secure_aggregation" in message and "site.yaml" in message
     assert "job 'mae_pretrain_tiny'" in message and "site-2" in message
+    assert refusal.value.key == "privacy.require_secure_aggregation"
     assert str(tmp_path) not in message  # sent to the server: no path
-    # The job cannot weaken the policy: only the site's own setting counts.
-    with pytest.raises(PolicyRefusal):
-        enforce_site_policy(strict, {**plaintext, "privacy": {"require_secure_aggregation": False}}, site_name="s")
-    enforce_site_policy(strict, JOB_SPECS["mae_pretrain_tiny"].local_training(), site_name="site-2")
+    # The job cannot weaken the policy: a request has no policy field, only the site's own setting counts.
+    with pytest.raises(TypeError):
+        JobRequest(job="j", secure_aggregation=False, privacy={"require_secure_aggregation": False})
+    admission = admit_job(strict.privacy, _request(), site_name="site-2")
+    assert admission.secagg == SecAggConfig(**JOB_SPECS["mae_pretrain_tiny"].secagg_config())
     relaxed = SiteConfig(cache=tmp_path, privacy=PrivacyPolicy(require_secure_aggregation=False))
-    enforce_site_policy(relaxed, plaintext, site_name="site-1")
+    assert admit_job(relaxed.privacy, plaintext, site_name="site-1").secagg is None
 
 
 def test_a_site_requiring_dp_refuses_a_job_without_it(tmp_path):
     requires_dp = SiteConfig(cache=tmp_path, privacy=PrivacyPolicy(require_dp=True))
-    job = JOB_SPECS["mae_pretrain_tiny"].local_training()
     with pytest.raises(PolicyRefusal, match=r"privacy\.require_dp: true"):
-        enforce_site_policy(requires_dp, job, site_name="site-3")
-    enforce_site_policy(requires_dp, {**job, "differential_privacy": True}, site_name="site-3")
+        admit_job(requires_dp.privacy, _request(), site_name="site-3")
+    admit_job(requires_dp.privacy, _request(differential_privacy=True), site_name="site-3")
+
+
+def test_the_server_cannot_weaken_secure_aggregation_settings_at_a_site(tmp_path):
+    policy = PrivacyPolicy()
+    settings = JOB_SPECS["mae_pretrain_tiny"].secagg_config()
+    with pytest.raises(PolicyRefusal, match="consistency_check") as refusal:
+        admit_job(policy, _request(secagg={**settings, "consistency_check": False}), site_name="site-2")
+    assert refusal.value.key == "secagg.consistency_check"
+    with pytest.raises(PolicyRefusal, match="unknown secure-aggregation settings"):
+        admit_job(policy, _request(secagg={**settings, "reveal_everything": True}), site_name="site-2")
+    with pytest.raises(PolicyRefusal, match="min_sites"):
+        admit_job(policy, _request(secagg={**settings, "min_sites": 1}), site_name="site-2")
+    with pytest.raises(PolicyRefusal, match="no secure-aggregation settings"):
+        admit_job(policy, _request(secagg=None), site_name="site-2")
 
 
 def test_secure_aggregation_is_on_in_both_committed_jobs():
@@ -93,13 +116,13 @@ def test_secagg_messages_cross_flare_serialisation_bit_exactly():
 def test_site_secure_aggregation_answers_every_phase_and_the_server_gets_the_weighted_mean(tmp_path):
     names = ["site-1", "site-2", "site-3"]
     entries = make_simulation_identities(tmp_path, names)
-    config = {"min_sites": 3, "max_sites": 8, "max_weight": 100.0}
+    config = SecAggConfig(min_sites=3, max_sites=8, max_weight=100.0)
     sites = {n: SiteSecureAggregation(site_name=n, job_id="job-7", kit_root=tmp_path,
                                       site_config=SiteConfig(cache=tmp_path, identity=IdentityFiles(**entries[n])))
              for n in names}
     server = SecAggServer(root_ca=load_site_identity(SiteConfig(cache=tmp_path, identity=IdentityFiles(**entries["site-1"])),
                                                      kit_root=tmp_path, site_name="site-1")[1],
-                          job_id="job-7", round_number=0, config=SecAggConfig(**config))
+                          job_id="job-7", round_number=0, config=config)
     deltas = {n: {"w": np.full(5, i + 1.0, np.float32) * 1e-2} for i, n in enumerate(names)}
     weights = {"site-1": 10, "site-2": 20, "site-3": 30}
 
@@ -119,8 +142,5 @@ def test_site_secure_aggregation_answers_every_phase_and_the_server_gets_the_wei
     mean = server.aggregate().mean_delta()
     expected = sum(weights[n] * deltas[n]["w"] for n in names) / sum(weights.values())
     np.testing.assert_allclose(mean, expected, atol=1e-5)
-    with pytest.raises(PolicyRefusal, match="consistency_check"):  # the server cannot weaken the protocol
-        sites["site-2"].handle("secagg_advertise_keys", params={}, config={**config, "consistency_check": False},
-                               round_index=1)
     with pytest.raises(RuntimeError, match="missed the key advertisement"):
         sites["site-1"].handle("secagg_share_keys", params={}, config=config, round_index=5)

@@ -2,7 +2,7 @@
 
 Run by FLARE's ``ClientAPIExecutor`` in an external process launched once per job (a crash in
 training cannot take the site's FLARE client down). Before anything else it checks the job
-against the site's privacy policy (``secagg_site.enforce_site_policy``): a site that requires
+against the site's privacy policy (``ultrafedfm.privacy.admit_job``): a site that requires
 secure aggregation refuses a job that turns it off. For a ``train`` task it receives the global
 weights, trains with the site's own data (``local/site.yaml`` of the site kit) and sends back
 its update through the sender from :func:`make_sender`: the delta in the clear
@@ -26,9 +26,10 @@ import nvflare.client as flare
 from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
-from ultrafedfm.flare.secagg_site import PolicyRefusal, SiteSecureAggregation, enforce_site_policy
+from ultrafedfm.flare.secagg_site import SiteSecureAggregation
 from ultrafedfm.flare.secagg_wire import SECAGG_TASKS, split_params
 from ultrafedfm.flare.site_training import SiteTrainer, SiteUpdate
+from ultrafedfm.privacy import JobRequest, PolicyRefusal, admit_job
 from ultrafedfm.site_config import SiteConfig, find_site_config, load_site_config
 
 _logger = logging.getLogger("ultrafedfm.flare.client")
@@ -116,10 +117,13 @@ class _Site:
 def _handle(site: _Site, task: FLModel, task_name: str, round_index: int) -> None:
     site.load()
     training = task.meta["training"]
-    enforce_site_policy(site.config, training, site_name=site.site_name)
     secure = bool(training.get("secure_aggregation", False))
+    request = JobRequest(job=str(training.get("job", "?")), secure_aggregation=secure,
+                         differential_privacy=bool(training.get("differential_privacy", False)),
+                         secagg=task.meta.get("secagg"))
+    admission = admit_job(site.config.privacy, request, site_name=site.site_name)
     if task_name in SECAGG_TASKS:
-        params = site.secure_aggregation().handle(task_name, params=task.params, config=task.meta["secagg"],
+        params = site.secure_aggregation().handle(task_name, params=task.params, config=admission.secagg,
                                                   round_index=round_index)
         flare.send(FLModel(params=params, params_type=ParamsType.DIFF, current_round=round_index, metrics={}))
         return

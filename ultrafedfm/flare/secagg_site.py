@@ -1,8 +1,7 @@
-"""The site's side of secure aggregation in a FLARE job, and the site's privacy policy (no FLARE import).
+"""The site's side of secure aggregation in a FLARE job (no FLARE import).
 
-:func:`enforce_site_policy` runs before a site does anything for a job: a site whose
-``site.yaml`` says ``privacy.require_secure_aggregation: true`` refuses a job that turns secure
-aggregation off. The job cannot weaken it; only the hospital's own ``site.yaml`` can.
+Whether a job may run at all, and with which secure-aggregation settings, is the site policy's
+decision (``ultrafedfm.privacy.admit_job``); this module runs the protocol with what it admitted.
 
 :class:`SiteSecureAggregation` holds one :class:`~ultrafedfm.secagg.SecAggClient` per round
 and answers the server's phases: advertise keys, share keys, masked input (after training:
@@ -28,35 +27,7 @@ from ultrafedfm.site_config import SiteConfig
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["PolicyRefusal", "SiteSecureAggregation", "enforce_site_policy"]
-
-POLICY_KEY = "privacy.require_secure_aggregation"
-# What a job may choose of SecAggConfig; everything else keeps the protocol's safe default.
-JOB_SETTABLE = frozenset({"min_sites", "max_sites", "max_weight", "threshold"})
-
-
-class PolicyRefusal(RuntimeError):
-    """The job asks for less protection than the site's policy; the message is safe to send to the server."""
-
-
-DP_POLICY_KEY = "privacy.require_dp"
-
-
-def enforce_site_policy(site_config: SiteConfig, training: Mapping[str, Any], *, site_name: str) -> None:
-    """Raise :class:`PolicyRefusal` when the job turns off what the site's policy requires."""
-    if site_config.privacy.require_secure_aggregation and not training.get("secure_aggregation", False):
-        raise PolicyRefusal(
-            f"site '{site_name}' refuses job '{training.get('job', '?')}': the job turns secure aggregation off, and "
-            f"the site's site.yaml sets {POLICY_KEY}: true. Run the job with secure_aggregation: true (or the "
-            f"site's IT changes {POLICY_KEY} in its own site.yaml)")
-    # DP-SGD is not wired into the jobs yet, so a site that requires it refuses every job rather
-    # than train without it: its policy is never ignored.
-    if site_config.privacy.require_dp and not training.get("differential_privacy", False):
-        raise PolicyRefusal(
-            f"site '{site_name}' refuses job '{training.get('job', '?')}': the job does not train with DP-SGD, and "
-            f"the site's site.yaml sets {DP_POLICY_KEY}: true. Run a job with differential_privacy: true (or the "
-            f"site's IT changes {DP_POLICY_KEY} in its own site.yaml)")
-
+__all__ = ["SiteSecureAggregation"]
 
 class SiteSecureAggregation:
     """One site's secure-aggregation state across the rounds of a job (one per site process)."""
@@ -69,12 +40,12 @@ class SiteSecureAggregation:
         self._round: int | None = None
         self._client: SecAggClient | None = None
 
-    def handle(self, task_name: str, *, params: Mapping[str, Any], config: Mapping[str, Any], round_index: int) -> dict:
+    def handle(self, task_name: str, *, params: Mapping[str, Any], config: SecAggConfig, round_index: int) -> dict:
         """Answer one key-exchange / consistency / unmask task; returns the reply's params."""
         if task_name == ADVERTISE_TASK:
             self._client, self._round = None, None  # a new round: the old keys are gone
             self._client = SecAggClient(identity=self.identity, root_ca=self.root_ca, job_id=self.job_id,
-                                        round_number=round_index, config=self._config(config))
+                                        round_number=round_index, config=config)
             self._round = round_index
             return {SECAGG_KEY: message_to_array(self._client.advertise_keys())}
         client = self._client_for(round_index, task_name)
@@ -98,15 +69,6 @@ class SiteSecureAggregation:
         vector, _ = flatten_arrays({k: np.asarray(v) for k, v in delta.items()}, dtype=np.float32)
         masked = client.mask_input(delivery, delta=vector, weight=float(num_samples))
         return {SECAGG_KEY: message_to_array(masked)}
-
-    def _config(self, config: Mapping[str, Any]) -> SecAggConfig:
-        # The server may size the round, never weaken it: the consistency check, ring and cipher
-        # stay at their defaults whatever the task says (a below-majority threshold is refused too).
-        unexpected = sorted(set(config) - JOB_SETTABLE)
-        if unexpected:
-            raise PolicyRefusal(f"site '{self.site_name}' refuses secure-aggregation settings {unexpected} sent by the "
-                                f"server; a job may only set {sorted(JOB_SETTABLE)}")
-        return SecAggConfig(**config)
 
     def _client_for(self, round_index: int, task_name: str) -> SecAggClient:
         if self._client is None or self._round != round_index:

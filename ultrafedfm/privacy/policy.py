@@ -1,0 +1,159 @@
+"""A site's privacy policy and the one gate every job request passes at that site.
+
+The hospital writes its policy into the ``privacy:`` section of its own ``site.yaml``; a job
+never carries it and can never weaken it. Before a site does anything for a task, the task's
+request goes through :func:`admit_job`::
+
+    admission = admit_job(policy, JobRequest(job="mae_pretrain", secure_aggregation=True,
+                                             secagg=to_mapping(secagg_config)), site_name="hospital-a")
+    admission.secagg          # the SecAggConfig this site will run the round with
+
+A request asking for less than the policy requires raises :class:`PolicyRefusal`, whose
+message names the job, the site and the policy key, and carries no path or file name (it is
+sent to the server). Framework-free: the FLARE site script, the CLI and the tests call it alike.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from ultrafedfm.config import ConfigError, check, from_mapping
+
+_logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Admission", "JobRequest", "PolicyRefusal", "PrivacyPolicy", "SECAGG_PROTECTIVE_SETTINGS", "admit_job",
+    "policy_key",
+]
+
+POLICY_SECTION = "privacy"
+
+
+def policy_key(name: str) -> str:
+    """The dotted ``site.yaml`` key of a policy field, e.g. ``privacy.require_dp``."""
+    return f"{POLICY_SECTION}.{name}"
+
+
+@dataclass
+class PrivacyPolicy:
+    """The site's minimum protection for any job (``site.yaml`` section ``privacy``).
+
+    Args:
+        require_secure_aggregation: refuse a job that sends this site's update unmasked.
+        require_dp: refuse a job that does not train with DP-SGD at this site.
+        max_epsilon: the most epsilon one job may spend at this site (``None``: no per-job cap).
+        lifetime_epsilon: the most epsilon all jobs together may spend (``None``: no lifetime cap).
+        max_delta: the largest delta a job may use (``None``: the DP default of at most 1/(10 N)).
+        min_noise_multiplier: the smallest DP-SGD noise multiplier a job may use.
+    """
+
+    require_secure_aggregation: bool = True
+    require_dp: bool = False
+    max_epsilon: float | None = None
+    lifetime_epsilon: float | None = None
+    max_delta: float | None = None
+    min_noise_multiplier: float = 0.0
+
+    def __post_init__(self) -> None:
+        check(self.max_epsilon is None or self.max_epsilon > 0, "max_epsilon", "must be > 0 (or null)")
+        check(self.lifetime_epsilon is None or self.lifetime_epsilon > 0, "lifetime_epsilon", "must be > 0 (or null)")
+        check(self.max_delta is None or 0 < self.max_delta < 1, "max_delta", "must be in (0, 1) (or null)")
+        check(self.min_noise_multiplier >= 0, "min_noise_multiplier", "must be >= 0")
+
+
+class PolicyRefusal(RuntimeError):
+    """A job asks for less protection than the site's policy; the message is safe to send to the server.
+
+    ``key`` names the policy key (``privacy.require_dp``) or job setting at fault.
+    """
+
+    def __init__(self, message: str, *, key: str):
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """What one task of a job asks of a site, as the site sees it.
+
+    Args:
+        job: the job's name (named in a refusal).
+        secure_aggregation: whether the site's update would leave masked.
+        differential_privacy: whether the site would train with DP-SGD.
+        secagg: the job's ``SecAggConfig`` as a mapping (``to_mapping``), when secure aggregation is on.
+    """
+
+    job: str
+    secure_aggregation: bool
+    differential_privacy: bool = False
+    secagg: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What the site agreed to run: the secure-aggregation settings it checked (``None``: off)."""
+
+    secagg: Any = None  # SecAggConfig; typed loosely to keep this module light to import
+
+
+# Settings of SecAggConfig whose weaker value would expose a site; a job may not turn them down.
+# The consistency check stops a server from showing sites different survivor lists; the threshold
+# is already floored at a strict majority by SecAggConfig.threshold_for.
+SECAGG_PROTECTIVE_SETTINGS: Mapping[str, Any] = {"consistency_check": True}
+
+
+def admit_job(policy: PrivacyPolicy, request: JobRequest, *, site_name: str) -> Admission:
+    """Check ``request`` against the site's ``policy``; raise :class:`PolicyRefusal` naming the key.
+
+    Returns the :class:`Admission` the site runs the task with.
+    """
+    refuse = _Refuser(site_name=site_name, job=request.job)
+    if policy.require_secure_aggregation and not request.secure_aggregation:
+        refuse("require_secure_aggregation",
+               "the job turns secure aggregation off",
+               "Run the job with secure_aggregation: true")
+    if policy.require_dp and not request.differential_privacy:
+        refuse("require_dp",
+               "the job does not train with DP-SGD",
+               "Run a job with differential_privacy: true")
+    secagg = None
+    if request.secure_aggregation:
+        secagg = _secagg_config(request.secagg, site_name=site_name, job=request.job)
+    return Admission(secagg=secagg)
+
+
+def _secagg_config(mapping: Mapping[str, Any] | None, *, site_name: str, job: str):
+    """The job's SecAggConfig as this site will run it; a weakened protective setting is refused."""
+    from ultrafedfm.secagg.params import SecAggConfig  # deferred: cryptography is not needed for plain jobs
+
+    if mapping is None:
+        raise PolicyRefusal(f"site '{site_name}' refuses job '{job}': secure aggregation is on but the task carries "
+                            "no secure-aggregation settings", key="secagg")
+    known = {f.name for f in fields(SecAggConfig)}
+    unknown = sorted(set(mapping) - known)
+    if unknown:
+        raise PolicyRefusal(f"site '{site_name}' refuses job '{job}': unknown secure-aggregation settings {unknown} "
+                            f"sent by the server (known: {sorted(known)})", key=f"secagg.{unknown[0]}")
+    for name, required in SECAGG_PROTECTIVE_SETTINGS.items():
+        if name in mapping and mapping[name] != required:
+            raise PolicyRefusal(f"site '{site_name}' refuses job '{job}': the server asks for secure-aggregation "
+                                f"{name}={mapping[name]!r}, which weakens the protocol; this site runs only with "
+                                f"{name}={required!r}", key=f"secagg.{name}")
+    try:
+        return from_mapping(SecAggConfig, mapping, source="the job's secure-aggregation settings")
+    except ConfigError as exc:
+        raise PolicyRefusal(f"site '{site_name}' refuses job '{job}': secure-aggregation setting {exc.key}: "
+                            f"{exc.bare_message}", key=f"secagg.{exc.key}") from None
+
+
+@dataclass(frozen=True)
+class _Refuser:
+    site_name: str
+    job: str
+
+    def __call__(self, field_name: str, why: str, fix: str) -> None:
+        key = policy_key(field_name)
+        raise PolicyRefusal(
+            f"site '{self.site_name}' refuses job '{self.job}': {why}, and the site's site.yaml sets {key}: true. "
+            f"{fix} (or the site's IT changes {key} in its own site.yaml)", key=key)
