@@ -86,12 +86,13 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _expiry(args: argparse.Namespace) -> int:
-    from ultrafedfm.kit.certs import find_certificates, read_certificate
+    from ultrafedfm.kit.certs import find_certificates, read_certificate, validity
 
     paths = find_certificates(args.path)
     if not paths:
         print(f"no certificates under {args.path}")
         return 1
+    flags = {"expired": "EXPIRED", "not_yet_valid": "NOT-YET", "expiring": "RENEW", "ok": "ok"}
     soon = 0
     seen: set[str] = set()
     for path in paths:
@@ -99,8 +100,12 @@ def _expiry(args: argparse.Namespace) -> int:
         if info.fingerprint in seen:
             continue  # rootCA.pem is in every kit
         seen.add(info.fingerprint)
-        days = info.days_left()
-        flag = "EXPIRED" if days < 0 else ("RENEW" if days < args.warn_days else "ok")
-        soon += flag != "ok"
-        print(f"{flag:8s} {days:5d} days  {info.subject_cn:35s} (issuer {info.issuer_cn})  {path}")
+        when = validity(info, warn_days=args.warn_days)
+        soon += when.state != "ok"
+        print(f"{flags[when.state]:8s} {when.days:5d} days  {info.subject_cn:35s} (issuer {info.issuer_cn})  "
+              f"{when.text}  {path}")
+    if soon:
+        print(f"{soon} certificate(s) expired, not yet valid or expiring within {args.warn_days} days: a site whose "
+              "certificate is listed needs a renewed kit from the consortium admin; an expiring root CA means "
+              "re-provisioning the whole consortium")
     return 1 if soon else 0

@@ -41,7 +41,7 @@ from ultrafedfm.data.preprocess import box_from_regions, letterbox, prepare_fram
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["IngestSummary", "ingest_dicom_folder", "ingest_image_folder"]
+__all__ = ["FolderSample", "IngestSummary", "ingest_dicom_folder", "ingest_image_folder", "sample_dicom_folder"]
 
 _CHUNK_SIZE = 8
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -122,17 +122,93 @@ def _ingest_dicom(relpath: str, ctx: _Context) -> _FileResult:
     instance = salted_key(ctx.salt, "dicom", uid)
     if instance in ctx.known:
         return _FileResult(relpath, "skipped", instance=instance)
-    cfg = ctx.config
-    frames = decode_frames(ds, frame_indices(number_of_frames(ds), stride=cfg.frame_stride, max_frames=cfg.max_frames_per_file))
-    region_box = box_from_regions(ultrasound_regions(ds), frames[0].gray.shape) if cfg.crop != "none" else None
+    frames, images = _decode_and_prepare(ds, ctx.config)
     written = []
-    images = prepare_frames([(f.gray, f.colour) for f in frames], region_box=region_box, find_box=cfg.crop == "auto",
-                            suppress=cfg.suppress_overlays, size=cfg.image_size)
     for frame, image in zip(frames, images):
         key = salted_key(ctx.salt, "dicom", uid, frame.index)
         write_png(ctx.cache, image_relpath(key), image)
         written.append((key, frame.index))
     return _FileResult(relpath, "added", instance=instance, frames=written)
+
+
+def _decode_and_prepare(ds, cfg: IngestConfig) -> tuple[list, list[np.ndarray]]:
+    """The sampled frames of ``ds`` (DecodedFrame) and their cache images."""
+    frames = decode_frames(ds, frame_indices(number_of_frames(ds), stride=cfg.frame_stride, max_frames=cfg.max_frames_per_file))
+    region_box = box_from_regions(ultrasound_regions(ds), frames[0].gray.shape) if cfg.crop != "none" else None
+    images = prepare_frames([(f.gray, f.colour) for f in frames], region_box=region_box, find_box=cfg.crop == "auto",
+                            suppress=cfg.suppress_overlays, size=cfg.image_size)
+    return frames, images
+
+
+@dataclass(frozen=True)
+class FolderSample:
+    """What :func:`sample_dicom_folder` found: the first usable file, or why none was.
+
+    ``usable`` is the first file (relative path) that decodes and preprocesses into ``images``
+    cache images; ``rejected`` counts the reasons of the files looked at before it, and
+    ``details`` keeps the first detail seen for each reason (it names a missing decoder's package).
+    """
+
+    files_looked: int
+    usable: str | None
+    images: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    details: dict[str, str] = field(default_factory=dict)
+
+
+def sample_dicom_folder(source: Path, *, config: IngestConfig, limit: int = 200, isolated: bool = True) -> FolderSample:
+    """Try the files under ``source`` one by one (walk order, include/exclude applied, at most
+    ``limit``) until one would ingest; nothing is written. ``isolated`` runs the search in one
+    worker process, so a decoder that crashes on a file costs the search, not the caller."""
+    source = Path(source)
+    if not isolated:
+        return _sample(source, config, limit)
+    with ProcessPoolExecutor(max_workers=1, initializer=_quiet_pydicom) as pool:
+        try:
+            return pool.submit(_sample, source, config, limit).result()
+        except BrokenProcessPool:
+            return FolderSample(files_looked=0, usable=None, rejected={"truncated_or_corrupt": 1},
+                                details={"truncated_or_corrupt": "a decoder crashed the process on one of the files"})
+
+
+def _quiet_pydicom() -> None:
+    logging.getLogger("pydicom").setLevel(logging.ERROR)  # its warnings may quote header values
+
+
+def _sample(source: Path, config: IngestConfig, limit: int) -> FolderSample:
+    rejected: Counter[str] = Counter()
+    details: dict[str, str] = {}
+    looked = 0
+    for relpath in _iter_selected(source, config):
+        if looked >= limit:
+            break
+        looked += 1
+        try:
+            ds = read_header(source / relpath)
+            check_ultrasound(ds)
+            _, images = _decode_and_prepare(ds, config)
+        except Rejected as rej:
+            rejected[rej.reason] += 1
+            details.setdefault(rej.reason, rej.detail)
+            continue
+        except Exception as exc:  # as in ingest: one bad file is a reason, never a crash
+            rejected["truncated_or_corrupt"] += 1
+            details.setdefault("truncated_or_corrupt", f"unexpected {type(exc).__name__}")
+            continue
+        return FolderSample(looked, relpath, len(images), dict(rejected), details)
+    return FolderSample(looked, None, 0, dict(rejected), details)
+
+
+def _iter_selected(source: Path, config: IngestConfig):
+    """Relative POSIX paths of the files ingest would read, lazily in walk order (DICOMDIR skipped)."""
+    for dirpath, dirnames, filenames in os.walk(source):
+        dirnames.sort()
+        here = Path(dirpath)
+        for name in sorted(filenames):
+            rel = (here / name).relative_to(source).as_posix()
+            matches = lambda patterns: any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(name, p) for p in patterns)  # noqa: E731
+            if name.upper() != "DICOMDIR" and matches(config.include) and not matches(config.exclude):
+                yield rel
 
 
 def _walk(source: Path, cache: Path, config: IngestConfig) -> tuple[list[str], list[str]]:

@@ -16,15 +16,16 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_private_key
 from cryptography.x509.oid import NameOID
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["CertificateInfo", "ca_fingerprint", "expiring_certificates", "find_certificates",
-           "is_signed_by", "load_certificate", "read_certificate"]
+__all__ = ["CertificateInfo", "Validity", "ca_fingerprint", "expiring_certificates", "find_certificates",
+           "is_signed_by", "key_matches_certificate", "load_certificate", "read_certificate", "validity"]
 
 EXPIRY_WARNING_DAYS = 30
+_DAY = dt.timedelta(days=1)
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,45 @@ class CertificateInfo:
     issuer_cn: str
     not_after: dt.datetime
     fingerprint: str  # SHA-256 of the DER certificate, hex
+    not_before: dt.datetime | None = None
 
     def days_left(self, *, now: dt.datetime | None = None) -> int:
+        """Whole days until expiry, rounded towards zero (negative: whole days since expiry)."""
         now = now or dt.datetime.now(dt.timezone.utc)
-        return (self.not_after - now).days
+        left = self.not_after - now
+        return int(left / _DAY) if left >= dt.timedelta(0) else -int(-left / _DAY)
+
+
+@dataclass(frozen=True)
+class Validity:
+    """Where ``now`` falls in a certificate's validity window, in words a site can act on.
+
+    ``state`` is ``not_yet_valid``, ``expired``, ``expiring`` (within the warning window) or ``ok``;
+    ``text`` says it with the date, e.g. ``expired on 2026-11-22 (3 days ago)``.
+    """
+
+    state: str
+    days: int
+    text: str
+
+
+def validity(info: CertificateInfo, *, now: dt.datetime | None = None,
+             warn_days: int = EXPIRY_WARNING_DAYS) -> Validity:
+    """Classify ``info``'s validity window at ``now`` (default: the current time)."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    if info.not_before is not None and now < info.not_before:
+        return Validity("not_yet_valid", -info.days_left(now=now),
+                        f"is not valid before {info.not_before:%Y-%m-%d %H:%M} UTC")
+    days = info.days_left(now=now)
+    date = f"{info.not_after:%Y-%m-%d}"
+    if now >= info.not_after:
+        return Validity("expired", days, f"expired on {date} ({_days(-days)} ago)")
+    state = "expiring" if info.not_after - now < warn_days * _DAY else "ok"
+    return Validity(state, days, f"expires on {date}, in {_days(days)}")
+
+
+def _days(n: int) -> str:
+    return "less than a day" if n == 0 else f"{n} day{'s' if n != 1 else ''}"
 
 
 def load_certificate(path: str | Path) -> x509.Certificate:
@@ -63,7 +99,22 @@ def read_certificate(path: str | Path) -> CertificateInfo:
         issuer_cn=_common_name(cert.issuer),
         not_after=cert.not_valid_after_utc,
         fingerprint=cert.fingerprint(hashes.SHA256()).hex(),
+        not_before=cert.not_valid_before_utc,
     )
+
+
+def key_matches_certificate(cert: x509.Certificate, key_path: str | Path) -> bool:
+    """True when the PEM private key at ``key_path`` is the key of ``cert`` (raises if unreadable)."""
+    key_path = Path(key_path)
+    try:
+        key = load_pem_private_key(key_path.read_bytes(), password=None)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{key_path}: private key not found; is this an unpacked startup kit?") from None
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{key_path}: not an unencrypted PEM private key ({exc}); re-copy it from the kit "
+                         "you were sent") from exc
+    spki = (Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return key.public_key().public_bytes(*spki) == cert.public_key().public_bytes(*spki)
 
 
 def ca_fingerprint(path: str | Path) -> str:
@@ -100,5 +151,5 @@ def expiring_certificates(
 ) -> list[CertificateInfo]:
     """The certificates among ``paths`` that expire within ``within_days`` (or already have)."""
     infos = [read_certificate(p) for p in paths]
-    return [i for i in infos if i.days_left(now=now) < within_days]
+    return [i for i in infos if validity(i, now=now, warn_days=within_days).state != "ok"]
 
