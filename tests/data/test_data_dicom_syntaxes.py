@@ -93,7 +93,7 @@ def test_monochrome1_12_bit_is_scaled_then_inverted(tmp_path):
     # Scaled from [0, largest value] to 8 bits (0 stays 0), then inverted.
     expected = 255 - np.round(stored * (255.0 / stored.max())).astype(np.uint8)
     assert np.array_equal(frame.gray, expected)
-    assert frame.gray[30:33].min() >= 245 and frame.gray.argmax() // COLUMNS in (30, 31, 32)
+    assert frame.gray[30:33].min() >= 245  # the bright interface is bright after inversion
 
 
 @pytest.mark.parametrize("planar", [0, 1])
