@@ -21,7 +21,7 @@ from ultrafedfm.site_config import IdentityFiles, SiteConfig, load_site_config
 
 def _request(spec=JOB_SPECS["mae_pretrain_tiny"], **changes) -> JobRequest:
     fields = dict(job=spec.name, secure_aggregation=spec.secure_aggregation,
-                  differential_privacy=spec.differential_privacy, secagg=spec.secagg_config())
+                  differential_privacy=spec.differential_privacy, secagg=spec.secagg_config(), dp=None)
     fields.update(changes)
     return JobRequest(**fields)
 
@@ -49,7 +49,14 @@ def test_a_site_requiring_dp_refuses_a_job_without_it(tmp_path):
     requires_dp = SiteConfig(cache=tmp_path, privacy=PrivacyPolicy(require_dp=True))
     with pytest.raises(PolicyRefusal, match=r"privacy\.require_dp: true"):
         admit_job(requires_dp.privacy, _request(), site_name="site-3")
-    admit_job(requires_dp.privacy, _request(differential_privacy=True), site_name="site-3")
+    with pytest.raises(PolicyRefusal, match=r"privacy\.require_dp: true"):
+        admit_job(requires_dp.privacy, _request(dp={"enabled": False, "noise_multiplier": 1.0}), site_name="site-3")
+    # DP switched on without settings is refused too: DP-SGD needs a noise multiplier or a target epsilon.
+    with pytest.raises(PolicyRefusal, match="no DP settings"):
+        admit_job(requires_dp.privacy, _request(differential_privacy=True), site_name="site-3")
+    admission = admit_job(requires_dp.privacy, _request(dp={"enabled": True, "noise_multiplier": 1.0}),
+                          site_name="site-3")
+    assert admission.dp.enabled and admission.dp.noise_multiplier == 1.0
 
 
 def test_the_server_cannot_weaken_secure_aggregation_settings_at_a_site(tmp_path):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from functools import partial
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -33,7 +34,9 @@ from ultrafedfm.models.presets import MaePreset, PresetName, get_preset
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["ClassToken", "MaeDecoder", "MaskTokens", "MaskedAutoencoder", "build_mae"]
+__all__ = ["ClassToken", "LossReduction", "MaeDecoder", "MaskTokens", "MaskedAutoencoder", "build_mae"]
+
+LossReduction = Literal["mean", "none"]
 
 # timm's ViT uses LayerNorm(eps=1e-6); plain nn.LayerNorm keeps Opacus on its fast grad sampler.
 _norm_layer = partial(nn.LayerNorm, eps=1e-6)
@@ -219,32 +222,42 @@ class MaskedAutoencoder(nn.Module):
         """latent (N, 1 + L_keep, D), ids_restore (N, L) -> predicted patches (N, L, p*p*C)."""
         return self.decoder(latent, ids_restore)
 
-    def forward_loss(self, target: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward_loss(
+        self, target: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, *, reduction: LossReduction = "mean"
+    ) -> torch.Tensor:
         """Mean squared error on the masked patches only.
 
         Args:
             target: (N, 1, H, W) clean images.
             pred: (N, L, p*p*C) predictions.
             mask: (N, L), 1 = masked (scored), 0 = visible.
+            reduction: "mean" for the batch loss, "none" for one loss per image (DP-SGD clips
+                each image's gradient, so it needs each image's loss).
 
         Returns:
-            scalar float32 loss (0 when no patch is masked).
+            "mean": scalar float32 loss (0 when no patch is masked); "none": (N,) float32, each
+            image's mean over its own masked patches. Every image masks the same number of
+            patches, so the mean of the "none" losses equals the "mean" loss.
         """
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         target = self.patchify(target).float()
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1.0e-6) ** 0.5
         per_patch = ((pred.float() - target) ** 2).mean(dim=-1)  # (N, L)
+        if reduction == "none":
+            return (per_patch * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
         return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
 
     def forward(
-        self, imgs: torch.Tensor, *, mask_ratio: float | None = None
+        self, imgs: torch.Tensor, *, mask_ratio: float | None = None, reduction: LossReduction = "mean"
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """imgs: (N, 1, H, W) in [0, 1] -> (loss, pred (N, L, p*p*C), mask (N, L)).
 
         In training mode the encoder sees degraded images (when configured); the loss always
-        targets the clean ``imgs``.
+        targets the clean ``imgs``. ``reduction="none"`` gives one loss per image, shape (N,).
         """
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
         encoder_input = imgs
@@ -252,7 +265,7 @@ class MaskedAutoencoder(nn.Module):
             encoder_input = apply_degradations(imgs, self.degradations)
         latent, mask, ids_restore = self.forward_encoder(encoder_input, ratio)
         pred = self.forward_decoder(latent, ids_restore)
-        loss = self.forward_loss(imgs, pred, mask)
+        loss = self.forward_loss(imgs, pred, mask, reduction=reduction)
         return loss, pred, mask
 
 

@@ -8,9 +8,14 @@ request goes through :func:`admit_job`::
                                              secagg=to_mapping(secagg_config)), site_name="hospital-a")
     admission.secagg          # the SecAggConfig this site will run the round with
 
+    admission.dp              # the DPConfig this site will train with (None: DP off)
+
 A request asking for less than the policy requires raises :class:`PolicyRefusal`, whose
-message names the job, the site and the policy key, and carries no path or file name (it is
-sent to the server). Framework-free: the FLARE site script, the CLI and the tests call it alike.
+message names the job, the site, the policy key and both values, and carries no path or file
+name (it is sent to the server). What depends on the site's own data (the noise a target
+epsilon needs, the default delta, the epsilon already spent) is checked where the site has it:
+``ultrafedfm.privacy.dp.SiteDP.plan`` per job and ``begin_round`` per round. Framework-free: the
+FLARE site script, the CLI and the tests call it alike.
 """
 from __future__ import annotations
 
@@ -80,21 +85,26 @@ class JobRequest:
     Args:
         job: the job's name (named in a refusal).
         secure_aggregation: whether the site's update would leave masked.
-        differential_privacy: whether the site would train with DP-SGD.
+        differential_privacy: the job's on/off switch for DP-SGD, for callers that send no ``dp``
+            settings yet; ``True`` without ``dp`` is refused (DP-SGD needs a noise multiplier or a
+            target epsilon). Superseded by ``dp``.
         secagg: the job's ``SecAggConfig`` as a mapping (``to_mapping``), when secure aggregation is on.
+        dp: the job's ``DPConfig`` as a mapping (``to_mapping``); ``None``: DP off.
     """
 
     job: str
     secure_aggregation: bool
     differential_privacy: bool = False
     secagg: Mapping[str, Any] | None = None
+    dp: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
 class Admission:
-    """What the site agreed to run: the secure-aggregation settings it checked (``None``: off)."""
+    """What the site agreed to run: the secure-aggregation and DP settings it checked (``None``: off)."""
 
     secagg: Any = None  # SecAggConfig; typed loosely to keep this module light to import
+    dp: Any = None  # DPConfig with enabled=True, or None
 
 
 # Settings of SecAggConfig whose weaker value would expose a site; a job may not turn them down.
@@ -110,17 +120,57 @@ def admit_job(policy: PrivacyPolicy, request: JobRequest, *, site_name: str) -> 
     """
     refuse = _Refuser(site_name=site_name, job=request.job)
     if policy.require_secure_aggregation and not request.secure_aggregation:
-        refuse("require_secure_aggregation",
+        refuse("require_secure_aggregation", True,
                "the job turns secure aggregation off",
                "Run the job with secure_aggregation: true")
-    if policy.require_dp and not request.differential_privacy:
-        refuse("require_dp",
+    dp = _dp_config(request, site_name=site_name)
+    if policy.require_dp and dp is None:
+        refuse("require_dp", True,
                "the job does not train with DP-SGD",
-               "Run a job with differential_privacy: true")
+               "Run a job with DP-SGD on (dp: enabled: true)")
+    if dp is not None:
+        _check_dp_floor(policy, dp, refuse)
     secagg = None
     if request.secure_aggregation:
         secagg = _secagg_config(request.secagg, site_name=site_name, job=request.job)
-    return Admission(secagg=secagg)
+    return Admission(secagg=secagg, dp=dp)
+
+
+def _dp_config(request: JobRequest, *, site_name: str):
+    """The job's DPConfig when it trains with DP (validated), else ``None``."""
+    from ultrafedfm.privacy.dp.config import DPConfig  # deferred: the dp package imports this module
+
+    refusing = f"site '{site_name}' refuses job '{request.job}'"
+    if request.dp is None:
+        if request.differential_privacy:
+            raise PolicyRefusal(f"{refusing}: the job turns DP-SGD on but carries no DP settings (dp: with "
+                                "noise_multiplier or target_epsilon)", key="dp")
+        return None
+    try:
+        dp = from_mapping(DPConfig, request.dp, source="the job's DP settings")
+    except ConfigError as exc:
+        raise PolicyRefusal(f"{refusing}: DP setting dp.{exc.key}: {exc.bare_message}",
+                            key=f"dp.{exc.key}" if exc.key else "dp") from None
+    if not dp.enabled and request.differential_privacy:
+        raise PolicyRefusal(f"{refusing}: the job says differential_privacy: true but its DP settings have "
+                            "enabled: false", key="dp.enabled")
+    return dp if dp.enabled else None
+
+
+def _check_dp_floor(policy: PrivacyPolicy, dp, refuse: "_Refuser") -> None:
+    """Refuse DP settings weaker than the policy's floor where the job states them outright."""
+    if dp.noise_multiplier is not None and dp.noise_multiplier < policy.min_noise_multiplier:
+        refuse("min_noise_multiplier", policy.min_noise_multiplier,
+               f"the job sets noise multiplier {dp.noise_multiplier:g}",
+               "Run the job with more noise")
+    if dp.target_epsilon is not None and policy.max_epsilon is not None and dp.target_epsilon > policy.max_epsilon:
+        refuse("max_epsilon", policy.max_epsilon,
+               f"the job asks for target epsilon {dp.target_epsilon:g}",
+               "Run the job with a smaller target epsilon")
+    if dp.delta is not None and policy.max_delta is not None and dp.delta > policy.max_delta:
+        refuse("max_delta", policy.max_delta,
+               f"the job asks for delta {dp.delta:g}",
+               "Run the job with a smaller delta, or none for the site's default")
 
 
 def _secagg_config(mapping: Mapping[str, Any] | None, *, site_name: str, job: str):
@@ -152,8 +202,9 @@ class _Refuser:
     site_name: str
     job: str
 
-    def __call__(self, field_name: str, why: str, fix: str) -> None:
+    def __call__(self, field_name: str, value: Any, why: str, fix: str) -> None:
         key = policy_key(field_name)
+        shown = "true" if value is True else f"{value:g}" if isinstance(value, float) else value
         raise PolicyRefusal(
-            f"site '{self.site_name}' refuses job '{self.job}': {why}, and the site's site.yaml sets {key}: true. "
+            f"site '{self.site_name}' refuses job '{self.job}': {why}, and the site's site.yaml sets {key}: {shown}. "
             f"{fix} (or the site's IT changes {key} in its own site.yaml)", key=key)

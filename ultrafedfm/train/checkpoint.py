@@ -7,11 +7,12 @@ states continue the masking and degradation noise where they stopped.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ultrafedfm.fileio import atomic_torch_save
 
 _logger = logging.getLogger(__name__)
 
@@ -37,14 +38,10 @@ def restore_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> N
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write ``state`` (tensors, numbers, strings, lists, dicts) to ``path`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": _FORMAT, **state}, tmp)
-    # Rename is atomic: an interruption leaves the previous checkpoint intact.
-    os.replace(tmp, path)
-    return path
+    """Write ``state`` (tensors, numbers, strings, lists, dicts) to ``path`` atomically and durably."""
+    # Written beside the target, fsynced and renamed over it: an interruption (even SIGKILL or a
+    # power cut) leaves the previous checkpoint intact.
+    return atomic_torch_save({"format": _FORMAT, **state}, path)
 
 
 def load_checkpoint(path: str | Path, *, map_location: torch.device | str = "cpu") -> dict[str, Any]:

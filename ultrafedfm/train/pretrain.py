@@ -6,7 +6,11 @@ client passes ``lr=`` (the server schedules it across rounds) and gets a constan
 (betas 0.9/0.95, weight decay 0.05 except on biases, norms and tokens), effective learning rate
 ``base_lr * batch_size / 256`` (MAE), bf16 autocast on GPU, fp32 on CPU, checkpoints that
 continue a run exactly, and a loud stop on a non-finite loss. DP-SGD plugs in through
-``privatize`` (e.g. Opacus ``make_private``); this module knows nothing of FLARE or Opacus.
+``privatize`` (``ultrafedfm.privacy.dp.DPPrivatizer``, or Opacus ``make_private`` directly);
+this module knows nothing of FLARE or Opacus.
+
+A run is five steps: build (optimizer, sampler, loader), restore (a checkpoint), privatize,
+plan (steps and learning-rate schedule), loop.
 
 Example::
 
@@ -34,6 +38,7 @@ from ultrafedfm.config import check, to_mapping
 from ultrafedfm.models.degradations import DegradationConfig
 from ultrafedfm.models.mae import MaskedAutoencoder, build_mae
 from ultrafedfm.models.presets import PRESETS
+from ultrafedfm.seeds import mix_seed
 from ultrafedfm.train.checkpoint import (
     CHECKPOINT_NAME, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint,
 )
@@ -43,7 +48,10 @@ _logger = logging.getLogger(__name__)
 
 __all__ = ["NonFiniteLossError", "PretrainConfig", "TrainResult", "build_model", "param_groups", "train_local"]
 
-Privatize = Callable[[nn.Module, Optimizer, DataLoader], tuple[nn.Module, Optimizer, DataLoader]]
+# privatize(model, optimizer, loader) -> (model, optimizer, loader), or, as Opacus' make_private
+# returns them with ghost clipping, (model, optimizer, criterion, loader): the criterion reduces the
+# model's per-image losses (N,) to the loss that is backpropagated.
+Privatize = Callable[[nn.Module, Optimizer, DataLoader], tuple]
 
 
 @dataclass
@@ -167,7 +175,7 @@ class _EpochSampler(Sampler[int]):
         self.epoch, self.start = epoch, start
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, "epoch", self.epoch))
         return iter(torch.randperm(self.num_samples, generator=generator)[self.start:].tolist())
 
     def __len__(self) -> int:
@@ -223,8 +231,12 @@ def train_local(
         checkpoint_dir: where ``checkpoint.pt`` is written every ``config.checkpoint_every``
             steps and at the end; with ``resume`` an existing one is continued, not restarted.
         privatize: called as ``privatize(model, optimizer, loader)`` after they are built (and
-            a checkpoint loaded); returns replacements, e.g. Opacus ``make_private``. A replaced
-            loader cannot be positioned mid-epoch, so a DP run resumes at its epoch's start order.
+            a checkpoint loaded); returns replacements, e.g. Opacus ``make_private``, either
+            ``(model, optimizer, loader)`` or ``(model, optimizer, criterion, loader)``; with a
+            criterion the model gives per-image losses (``reduction="none"``) and the criterion
+            reduces them (DP-SGD: :class:`ultrafedfm.privacy.dp.DPPrivatizer`). Empty batches
+            (Poisson sampling) still step and are left out of the losses. A replaced loader cannot
+            be positioned mid-epoch, so a DP run resumes at its epoch's start order.
         generator_seed: seed for data order, masking and degradations (default ``config.seed``).
         progress: show a tqdm progress bar.
 
@@ -258,104 +270,183 @@ def train_local(
                     progress=progress, started=started)
 
 
+@dataclass
+class _Training:
+    """What the loop drives: the trainer's objects, or the ones ``privatize`` returned in their place.
+
+    ``criterion`` (DP-SGD) reduces the model's per-image losses to the loss that is backpropagated;
+    ``None`` uses the model's batch mean.
+    """
+
+    model: nn.Module
+    optimizer: Optimizer
+    loader: DataLoader
+    criterion: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+@dataclass
+class _Progress:
+    """Where a run stands; saved in checkpoints. ``loss_steps`` counts steps that had images to score."""
+
+    step: int = 0
+    loss_sum: float = 0.0
+    last_loss: float = math.nan
+    loss_steps: int = 0
+
+
+@dataclass(frozen=True)
+class _Plan:
+    total: int
+    steps_per_epoch: int
+    schedule: Callable[[int], float]
+
+
 def _run(*, model, dataset, config, epochs, steps, lr, device, checkpoint_dir, resume, privatize, seed, progress,
          started) -> TrainResult:
-    num_samples = len(dataset)
     model.to(device).train()
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas)
-    sampler = _EpochSampler(num_samples, seed)
-    loader = DataLoader(
+    sampler = _EpochSampler(len(dataset), seed)
+    loader = _build_loader(dataset, sampler, config, device, seed)
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    state = _restore(ckpt_path, model, optimizer, device) if ckpt_path is not None and resume else None
+    done = _Progress(state["step"], state["loss_sum"], state["last_loss"], state.get("loss_steps", state["step"])) \
+        if state is not None else _Progress()
+    training = _privatize(privatize, model, optimizer, loader)
+    plan = _plan(config, epochs=epochs, steps=steps, lr=lr, steps_per_epoch=len(training.loader))
+    if state is not None:
+        if state["total_steps"] != plan.total or state["steps_per_epoch"] != plan.steps_per_epoch:
+            _logger.warning("resuming %s from step %d of a run planned as %d steps x %d per epoch; now %d x %d",
+                            ckpt_path, done.step, state["total_steps"], state["steps_per_epoch"], plan.total,
+                            plan.steps_per_epoch)
+        _logger.info("resuming from %s at step %d/%d", ckpt_path, done.step, plan.total)
+    _logger.info("pretraining %s MAE on %d images, %d steps (%d per epoch), batch %d, peak lr %.3g, device %s",
+                 model.preset.name, len(dataset), plan.total, plan.steps_per_epoch, config.batch_size,
+                 config.lr if lr is None else lr, device)
+
+    def checkpoint() -> None:
+        save_checkpoint(ckpt_path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done.step,
+            "total_steps": plan.total, "steps_per_epoch": plan.steps_per_epoch, "seed": seed,
+            "loss_sum": done.loss_sum, "last_loss": done.last_loss, "loss_steps": done.loss_steps,
+            "rng": capture_rng_state(device), "config": to_mapping(config),
+        })
+
+    start_step = done.step
+    _loop(training, sampler=sampler, plan=plan, done=done, config=config, img_size=model.preset.img_size,
+          preset=model.preset.name, params=[p for p in model.parameters() if p.requires_grad], device=device,
+          progress=progress, checkpoint=checkpoint if ckpt_path is not None else None)
+    if ckpt_path is not None:
+        checkpoint()
+    seconds = time.perf_counter() - started
+    result = TrainResult(num_samples=len(dataset), steps=done.step, epochs_completed=done.step // plan.steps_per_epoch,
+                         mean_loss=done.loss_sum / done.loss_steps if done.loss_steps else math.nan,
+                         last_loss=done.last_loss, seconds=seconds, resumed_from_step=start_step)
+    _logger.info("pretraining done: %d steps, mean loss %.4f, last loss %.4f, %.1f s",
+                 result.steps, result.mean_loss, result.last_loss, seconds)
+    return result
+
+
+def _build_loader(dataset: Dataset, sampler: _EpochSampler, config: PretrainConfig, device: torch.device,
+                  seed: int) -> DataLoader:
+    return DataLoader(
         dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,
         collate_fn=_stack_images, pin_memory=device.type == "cuda", persistent_workers=config.num_workers > 0,
         # An own generator: worker seeding must not draw from the global RNG (resume would diverge).
         generator=torch.Generator().manual_seed(seed),
     )
-    start_step, loss_sum, last_loss = 0, 0.0, math.nan
-    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    state = None
-    if ckpt_path is not None and resume and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path, map_location=device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        restore_rng_state(state["rng"], device)
-        start_step, loss_sum, last_loss = state["step"], state["loss_sum"], state["last_loss"]
 
-    train_model, train_optimizer, train_loader = model, optimizer, loader
-    if privatize is not None:
-        train_model, train_optimizer, train_loader = privatize(model, optimizer, loader)
-    steps_per_epoch = len(train_loader)
+
+def _restore(ckpt_path: Path, model: nn.Module, optimizer: Optimizer, device: torch.device) -> dict | None:
+    """Load the checkpoint into ``model``, ``optimizer`` and the RNG when there is one; its state, or ``None``."""
+    if not ckpt_path.is_file():
+        return None
+    state = load_checkpoint(ckpt_path, map_location=device)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    restore_rng_state(state["rng"], device)
+    return state
+
+
+def _privatize(privatize: Privatize | None, model: nn.Module, optimizer: Optimizer, loader: DataLoader) -> _Training:
+    """Hand the objects to ``privatize``: 3 back as Opacus' ``make_private`` returns them, or 4 with a criterion."""
+    if privatize is None:
+        return _Training(model, optimizer, loader)
+    replaced = privatize(model, optimizer, loader)
+    if len(replaced) == 4:  # Opacus' order with ghost clipping: module, optimizer, criterion, loader
+        module, private_optimizer, criterion, private_loader = replaced
+        return _Training(module, private_optimizer, private_loader, criterion)
+    return _Training(*replaced)
+
+
+def _plan(config: PretrainConfig, *, epochs: int | None, steps: int | None, lr: float | None,
+          steps_per_epoch: int) -> _Plan:
     total = steps if steps is not None else (epochs or config.epochs) * steps_per_epoch
     if lr is None:
         warmup = min(total, round(config.warmup_epochs * steps_per_epoch))
         schedule = WarmupCosineLr(peak_lr=config.lr, total_steps=total, warmup_steps=warmup, min_lr=config.min_lr)
     else:
         schedule = ConstantLr(lr)
-    if state is not None:
-        if state["total_steps"] != total or state["steps_per_epoch"] != steps_per_epoch:
-            _logger.warning("resuming %s from step %d of a run planned as %d steps x %d per epoch; now %d x %d",
-                            ckpt_path, start_step, state["total_steps"], state["steps_per_epoch"], total,
-                            steps_per_epoch)
-        _logger.info("resuming from %s at step %d/%d", ckpt_path, start_step, total)
-    img_size = model.preset.img_size
-    _logger.info("pretraining %s MAE on %d images, %d steps (%d per epoch), batch %d, peak lr %.3g, device %s",
-                 model.preset.name, num_samples, total, steps_per_epoch, config.batch_size,
-                 config.lr if lr is None else lr, device)
+    return _Plan(total=total, steps_per_epoch=steps_per_epoch, schedule=schedule)
 
+
+def _loop(training: _Training, *, sampler: _EpochSampler, plan: _Plan, done: _Progress, config: PretrainConfig,
+          img_size: int, preset: str, params: list[nn.Parameter], device: torch.device, progress: bool,
+          checkpoint: Callable[[], None] | None) -> None:
+    """Run steps until ``plan.total``, updating ``done`` in place and checkpointing every ``checkpoint_every``."""
     use_amp = config.amp and device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def checkpoint(step: int) -> None:
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "total_steps": total,
-            "steps_per_epoch": steps_per_epoch, "seed": seed, "loss_sum": loss_sum, "last_loss": last_loss,
-            "rng": capture_rng_state(device), "config": to_mapping(config),
-        })
-
-    step = start_step
-    bar = tqdm(total=total, initial=start_step, disable=not progress, desc=f"pretrain {model.preset.name}",
-               unit="step", dynamic_ncols=True)
+    optimizer, criterion = training.optimizer, training.criterion
+    bar = tqdm(total=plan.total, initial=done.step, disable=not progress, desc=f"pretrain {preset}", unit="step",
+               dynamic_ncols=True)
     try:
-        while step < total:
-            epoch, offset = divmod(step, steps_per_epoch)
+        while done.step < plan.total:
+            epoch, offset = divmod(done.step, plan.steps_per_epoch)
             sampler.set_epoch(epoch, offset * config.batch_size)
-            batches_left = steps_per_epoch - offset
-            for index, imgs in enumerate(train_loader):
-                if index >= batches_left or step >= total:
+            batches_left = plan.steps_per_epoch - offset
+            for index, imgs in enumerate(training.loader):
+                if index >= batches_left or done.step >= plan.total:
                     break
-                if imgs.shape[1:] != (1, img_size, img_size):
-                    raise ValueError(f"the dataset yields images of shape {tuple(imgs.shape[1:])}; the "
-                                     f"{model.preset.name} model needs (1, {img_size}, {img_size}): build the cache "
-                                     "at that size or set pretrain.img_size")
-                lr_now = schedule(step)
-                for group in train_optimizer.param_groups:
+                imgs = _checked_batch(imgs, img_size=img_size, preset=preset)
+                lr_now = plan.schedule(done.step)
+                for group in optimizer.param_groups:
                     group["lr"] = lr_now
                 imgs = imgs.to(device, non_blocking=True)
                 with autocast():
-                    loss, _, _ = train_model(imgs, mask_ratio=config.mask_ratio)
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise NonFiniteLossError(step, loss_value)
-                train_optimizer.zero_grad(set_to_none=True)
+                    if criterion is None:
+                        loss, _, _ = training.model(imgs, mask_ratio=config.mask_ratio)
+                    else:
+                        per_image, _, _ = training.model(imgs, mask_ratio=config.mask_ratio, reduction="none")
+                        loss = criterion(per_image)
+                # A Poisson batch may be empty: it still takes its (noise-only) DP-SGD step, but has no loss.
+                scored = imgs.shape[0] > 0
+                loss_value = loss.item() if scored else math.nan
+                if scored and not math.isfinite(loss_value):
+                    raise NonFiniteLossError(done.step, loss_value)
+                optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if config.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-                train_optimizer.step()
-                step += 1
-                loss_sum += loss_value
-                last_loss = loss_value
+                optimizer.step()
+                done.step += 1
+                if scored:
+                    done.loss_sum += loss_value
+                    done.loss_steps += 1
+                    done.last_loss = loss_value
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_now:.2e}", refresh=False)
-                if ckpt_path is not None and step % config.checkpoint_every == 0 and step < total:
-                    checkpoint(step)
+                if progress:
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_now:.2e}", refresh=False)
+                if checkpoint is not None and done.step % config.checkpoint_every == 0 and done.step < plan.total:
+                    checkpoint()
     finally:
         bar.close()
-    if ckpt_path is not None:
-        checkpoint(step)
-    seconds = time.perf_counter() - started
-    result = TrainResult(num_samples=num_samples, steps=step, epochs_completed=step // steps_per_epoch,
-                         mean_loss=loss_sum / step if step else math.nan, last_loss=last_loss, seconds=seconds,
-                         resumed_from_step=start_step)
-    _logger.info("pretraining done: %d steps, mean loss %.4f, last loss %.4f, %.1f s",
-                 result.steps, result.mean_loss, result.last_loss, seconds)
-    return result
+
+
+def _checked_batch(imgs, *, img_size: int, preset: str) -> torch.Tensor:
+    if isinstance(imgs, (list, tuple)) and not imgs:  # Opacus' empty first batch comes as an empty list
+        return torch.zeros(0, 1, img_size, img_size)
+    if imgs.shape[1:] != (1, img_size, img_size):
+        if imgs.shape[0] == 0:  # an empty Poisson batch shaped after the dataset's first item
+            return torch.zeros(0, 1, img_size, img_size)
+        raise ValueError(f"the dataset yields images of shape {tuple(imgs.shape[1:])}; the {preset} model needs "
+                         f"(1, {img_size}, {img_size}): build the cache at that size or set pretrain.img_size")
+    return imgs
