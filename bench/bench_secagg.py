@@ -5,7 +5,7 @@ round (X25519 keys, Shamir shares, AES-GCM, masks) and reports:
 
 - per-site time of the masked-input step (decrypt shares, quantise, add n keystreams: 1 self
   mask + n - 1 pairwise), its parts, and the ratio of the keystream bound to it: the time the
-  cipher alone needs to produce the same n * (d + 1) * 4 mask bytes (goal >= 0.5);
+  cipher alone needs to produce the same n * (d + 4) * 4 mask bytes (goal >= 0.5);
 - server time (sum the n masked vectors + reconstruct and remove the masks), and its ratio to
   plaintext float32 summation of the same n vectors;
 - bytes on the wire of one masked input relative to float32 (goal <= 1.0 with a 32-bit ring);
@@ -21,7 +21,6 @@ minutes on a 2-core CPU; the full table:
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
 import logging
 import os
@@ -29,12 +28,12 @@ import sys
 import time
 
 import numpy as np
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
-from ultrafedfm.secagg import SecAggClient, SecAggConfig, SecAggServer, SiteIdentity, simulate_round, to_bytes
+from ultrafedfm.secagg import (
+    ContributionLedger, Membership, RoundFigures, SecAggClient, SecAggConfig, SecAggServer, SiteSigningKey,
+    simulate_round, to_bytes,
+)
+from ultrafedfm.secagg.simulation import SIMULATED_CONTEXT
 from ultrafedfm.secagg.masks import CHUNK_ELEMENTS, MaskStream, apply_streams, keystream_bytes
 from ultrafedfm.secagg.quantize import StochasticEncoder
 
@@ -43,24 +42,10 @@ _logger = logging.getLogger("bench_secagg")
 SIZES = {"1M": 1_000_000, "4M": 4_000_000, "22M": 22_000_000, "86M": 86_000_000, "112M": 112_000_000}
 
 
-def make_pki(n: int) -> tuple[x509.Certificate, dict[str, SiteIdentity]]:
-    """A root CA and n site certificates (EC P-256: keys are off the data path, generation is quick)."""
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    now = dt.datetime.now(dt.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(name("bench-root")).issuer_name(name("bench-root"))
-          .public_key(ca_key.public_key()).serial_number(1).not_valid_before(now - dt.timedelta(days=1))
-          .not_valid_after(now + dt.timedelta(days=1)).sign(ca_key, hashes.SHA256()))
-    sites = {}
-    for i in range(n):
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder().subject_name(name(f"site-{i:02d}")).issuer_name(ca.subject)
-                .public_key(key.public_key()).serial_number(i + 2).not_valid_before(now - dt.timedelta(days=1))
-                .not_valid_after(now + dt.timedelta(days=1)).sign(ca_key, hashes.SHA256()))
-        sites[f"site-{i:02d}"] = SiteIdentity(cert, key)
-    return ca, sites
+def make_consortium(n: int) -> tuple[Membership, dict[str, SiteSigningKey]]:
+    """n sites with their own Ed25519 signing keys and the member list that pins them."""
+    signers = {f"site-{i:02d}": SiteSigningKey.generate(site=f"site-{i:02d}") for i in range(n)}
+    return Membership.of("bench", 1, {s: k.public_key for s, k in signers.items()}), signers
 
 
 def timed(fn, *args, **kwargs):
@@ -96,10 +81,11 @@ def plaintext_sum(delta: np.ndarray, n: int) -> None:
 
 
 def run_secagg(d: int, n: int, delta: np.ndarray, config: SecAggConfig) -> dict:
-    ca, sites = make_pki(n)
-    clients = {s: SecAggClient(identity=i, root_ca=ca, job_id="bench", round_number=1, config=config)
+    members, sites = make_consortium(n)
+    clients = {s: SecAggClient(signer=i, members=members, job_id="bench", round_number=1, config=config,
+                               context=SIMULATED_CONTEXT, ledger=ContributionLedger.in_memory())
                for s, i in sites.items()}
-    server = SecAggServer(root_ca=ca, job_id="bench", round_number=1, config=config)
+    server = SecAggServer(members=members, job_id="bench", round_number=1, config=config, context=SIMULATED_CONTEXT)
     start = time.process_time()
     for c in clients.values():
         server.receive_advertisement(c.advertise_keys())
@@ -110,7 +96,8 @@ def run_secagg(d: int, n: int, delta: np.ndarray, config: SecAggConfig) -> dict:
     setup = time.process_time() - start
     mask_times, server_time, wire_bytes = [], 0.0, 0
     for s, c in clients.items():
-        masked, t = timed(c.mask_input, deliveries[s], delta=delta, weight=1.0)
+        masked, t = timed(c.mask_input, deliveries[s], delta=delta, weight=1.0,
+                          figures=RoundFigures(loss=0.5, steps=1, num_samples=1), trained_with=SIMULATED_CONTEXT)
         mask_times.append(t)
         if not wire_bytes:
             wire_bytes = len(to_bytes(masked))
@@ -179,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         c = ckks(d, min(args.ckks_sample, d)) if args.ckks_sample else None
         for n in site_counts:
             r = run_secagg(d, n, delta, config)
-            t_mask = best_of(args.repeats, streams_only, np.zeros(d + 1, dtype=np.uint32), n, config.prg)
-            t_ks = best_of(args.repeats, keystream_bytes, os.urandom(32), n * (d + 1) * 4, prg=config.prg)
+            t_mask = best_of(args.repeats, streams_only, np.zeros(d + 4, dtype=np.uint32), n, config.prg)
+            t_ks = best_of(args.repeats, keystream_bytes, os.urandom(32), n * (d + 4) * 4, prg=config.prg)
             t_plain = best_of(args.repeats, plaintext_sum, delta, n)
             cells = (f"{d / 1e6:.0f}M", n, f"{r['mask']:.2f}", f"{t_quant:.2f}", f"{t_mask:.2f}", f"{t_ks:.2f}",
                      f"{t_ks / t_mask:.2f}", f"{t_ks / r['mask']:.2f}", f"{r['server']:.2f}",
@@ -192,11 +179,11 @@ def main(argv: list[str] | None = None) -> int:
                 rows_ckks.append((d, n, c, r))
         del delta
         gc.collect()
-    print("# bytes one site sends per round besides its masked input (EC P-256 certificates; RSA-2048 adds ~0.6 KB)")
+    print("# bytes one site sends per round besides its masked input (Ed25519 site keys)")
     for n in site_counts:
-        ca, sites = make_pki(n)
+        members, sites = make_consortium(n)
         zeros = {name: np.zeros(16, np.float32) for name in sites}
-        report = simulate_round(identities=sites, root_ca=ca, deltas=zeros, weights=dict.fromkeys(sites, 1.0),
+        report = simulate_round(signers=sites, members=members, deltas=zeros, weights=dict.fromkeys(sites, 1.0),
                                 config=config)
         sent = report.bytes_sent[sorted(sites)[0]]
         extra = {phase: b for phase, b in sent.items() if phase != "masked_input"}

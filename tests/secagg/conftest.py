@@ -1,22 +1,33 @@
-"""Fixtures for the secure-aggregation tests: a test PKI shaped like FLARE provisioning.
+"""Fixtures for the secure-aggregation tests: a consortium of sites with their own signing keys.
 
-A self-signed RSA-2048 root CA (as `nvflare provision` makes), site certificates with RSA-2048
-and EC P-256 keys whose common name is the site name, and a rogue CA that is not the project's.
+Each site has a site-generated Ed25519 key; ``consortium.members(n)`` is the verified member
+list of the first ``n`` sites (what ``ultrafedfm.kit.membership`` hands the protocol after
+checking the admin's signature and the site's pins). A test PKI shaped like FLARE provisioning
+(RSA root CA, site certificates) is kept for the certificate-helper tests.
 """
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from ultrafedfm.secagg import SecAggClient, SecAggConfig, SecAggServer, SiteIdentity
+from ultrafedfm.secagg import (
+    ContributionLedger, Membership, RoundContext, RoundFigures, SecAggClient, SecAggConfig, SecAggServer, SiteIdentity,
+    SiteSigningKey,
+)
 
 SITE_NAMES = [f"site-{i}" for i in range(1, 8)]
+CONTEXT = RoundContext(model_sha256="ab" * 32, lr=1.5e-4, training={"local_steps": 4, "img_size": 32})
+
+
+def figures(loss: float = 0.5, steps: int = 3, num_samples: int = 10) -> RoundFigures:
+    return RoundFigures(loss=loss, steps=steps, num_samples=num_samples)
 
 
 def _name(common_name: str) -> x509.Name:
@@ -53,23 +64,32 @@ class Pki:
     root_ca: x509.Certificate
     ca_key: rsa.RSAPrivateKey
     sites: dict[str, SiteIdentity]
-    rogue_ca: tuple[x509.Certificate, rsa.RSAPrivateKey]
-
-    def identities(self, n: int) -> dict[str, SiteIdentity]:
-        return {name: self.sites[name] for name in SITE_NAMES[:n]}
 
 
 @pytest.fixture(scope="session")
 def pki() -> Pki:
     root = make_ca("ultrafedfm-test-root")
-    sites = {name: make_site(name, root, kind="rsa" if i % 2 == 0 else "ec") for i, name in enumerate(SITE_NAMES)}
-    return Pki(root_ca=root[0], ca_key=root[1], sites=sites, rogue_ca=make_ca("ultrafedfm-test-root"))
+    sites = {name: make_site(name, root, kind="rsa" if i % 2 == 0 else "ec") for i, name in enumerate(SITE_NAMES[:2])}
+    return Pki(root_ca=root[0], ca_key=root[1], sites=sites)
+
+
+@dataclass
+class Consortium:
+    """Site signing keys; ``members(n)`` = the member list of the first n sites."""
+
+    signers: dict[str, SiteSigningKey]
+    name: str = "test-consortium"
+
+    def members(self, n: int, *, version: int = 1) -> Membership:
+        return Membership.of(self.name, version, {s: self.signers[s].public_key for s in SITE_NAMES[:n]})
+
+    def first(self, n: int) -> dict[str, SiteSigningKey]:
+        return {s: self.signers[s] for s in SITE_NAMES[:n]}
 
 
 @pytest.fixture(scope="session")
-def site_factory():
-    """make_site(name, (ca_cert, ca_key), kind="rsa"|"ec", valid_days=365) -> SiteIdentity."""
-    return make_site
+def consortium() -> Consortium:
+    return Consortium({name: SiteSigningKey.generate(site=name) for name in SITE_NAMES})
 
 
 @dataclass
@@ -81,23 +101,46 @@ class OpenRound:
     roster: object
     shares: dict
     deliveries: dict
+    members: Membership
+    ledgers: dict[str, ContributionLedger] = field(default_factory=dict)
+
+    def mask(self, name: str, delta, *, weight: float = 1.0, loss: float = 0.5, steps: int = 3, num_samples: int = 10,
+             context: RoundContext = CONTEXT):
+        return self.clients[name].mask_input(self.deliveries[name], delta=np.asarray(delta, np.float32), weight=weight,
+                                             figures=figures(loss, steps, num_samples), trained_with=context)
+
+
+def make_clients(consortium: Consortium, n: int, *, config: SecAggConfig | None = None, job_id: str = "job-A",
+                 round_number: int = 4, context: RoundContext = CONTEXT, members: Membership | None = None,
+                 ledgers: dict[str, ContributionLedger] | None = None, min_sites: int = 3) -> dict[str, SecAggClient]:
+    config = config or SecAggConfig()
+    members = members or consortium.members(n)
+    ledgers = ledgers if ledgers is not None else {}
+    return {name: SecAggClient(signer=signer, members=members, job_id=job_id, round_number=round_number,
+                               config=config, context=context,
+                               ledger=ledgers.setdefault(name, ContributionLedger.in_memory()), min_sites=min_sites)
+            for name, signer in consortium.first(n).items()}
 
 
 @pytest.fixture
-def open_round(pki):
-    """Factory: open_round(n, config=None, job_id=..., round_number=...) -> OpenRound."""
+def open_round(consortium):
+    """Factory: open_round(n, config=None, job_id=..., round_number=..., ledgers=...) -> OpenRound."""
 
-    def start(n: int, *, config: SecAggConfig | None = None, job_id: str = "job-A", round_number: int = 4) -> OpenRound:
+    def start(n: int, *, config: SecAggConfig | None = None, job_id: str = "job-A", round_number: int = 4,
+              context: RoundContext = CONTEXT, ledgers: dict[str, ContributionLedger] | None = None) -> OpenRound:
         config = config or SecAggConfig()
-        clients = {name: SecAggClient(identity=ident, root_ca=pki.root_ca, job_id=job_id, round_number=round_number,
-                                      config=config) for name, ident in pki.identities(n).items()}
-        server = SecAggServer(root_ca=pki.root_ca, job_id=job_id, round_number=round_number, config=config)
+        members = consortium.members(n)
+        ledgers = ledgers if ledgers is not None else {}
+        clients = make_clients(consortium, n, config=config, job_id=job_id, round_number=round_number,
+                               context=context, members=members, ledgers=ledgers)
+        server = SecAggServer(members=members, job_id=job_id, round_number=round_number, config=config,
+                              context=context)
         for client in clients.values():
             server.receive_advertisement(client.advertise_keys())
         roster = server.key_roster()
         shares = {name: c.share_keys(roster) for name, c in clients.items()}
         for s in shares.values():
             server.receive_encrypted_shares(s)
-        return OpenRound(clients, server, roster, shares, server.share_deliveries())
+        return OpenRound(clients, server, roster, shares, server.share_deliveries(), members, ledgers)
 
     return start

@@ -44,6 +44,10 @@ def register(subparsers) -> None:
     expiry.add_argument("--warn-days", type=int, default=30)
     expiry.set_defaults(func=_expiry)
 
+    from ultrafedfm.cli.kit_members import add_kit_subcommands  # secure-aggregation membership (enroll, members)
+
+    add_kit_subcommands(kit_sub)
+
 
 def _init(args: argparse.Namespace) -> int:
     from ultrafedfm.flare.provisioning import provision_consortium

@@ -3,16 +3,22 @@
 A pure message-in/message-out state machine; the caller (a FLARE executor, a test) moves the
 messages. One object per site per round::
 
-    client = SecAggClient(identity=site, root_ca=ca, job_id="job-1", round_number=3, config=cfg)
-    advert = client.advertise_keys()                         # -> server
-    shares = client.share_keys(roster)                       # roster <- server; shares -> server
-    masked = client.mask_input(delivery, delta=d, weight=w)  # delivery <- server; masked -> server
-    signed = client.sign_survivors(survivor_list)            # list <- server; signature -> server
-    answer = client.unmask(request)                          # request <- server; answer -> server
+    client = SecAggClient(signer=key, members=membership, job_id="job-1", round_number=3, config=cfg,
+                          context=announced, ledger=ledger, min_sites=3)
+    advert = client.advertise_keys()                           # -> server
+    shares = client.share_keys(roster)                         # roster <- server; shares -> server
+    client.check_task_context(received)                        # the training task brought the announced model
+    masked = client.mask_input(delivery, delta=d, weight=w, figures=f, trained_with=received)  # -> server
+    signed = client.sign_survivors(survivor_list)              # list <- server; signature -> server
+    answer = client.unmask(request)                            # request <- server; answer -> server
 
-The site never sends its delta in the clear, refuses keys not signed under the project's CA,
-and for each peer reveals either the share of its self-mask seed (the peer's input arrived) or
-the share of its mask key (the peer dropped), never both, whatever the server asks.
+The site never sends its delta, loss or counts in the clear; accepts keys only from members of
+its pinned member list, signed with their own site keys; takes the threshold and the smallest
+roster from the consortium's size and its own floor, not from the server; signs the round
+context (model, lr, settings) so that peers trained from the same model; for each peer reveals
+either the share of its self-mask seed (the peer's input arrived) or of its mask key (the peer
+dropped), never both; and, through its :class:`ContributionLedger`, helps unmask at most one
+sum per global model.
 """
 from __future__ import annotations
 
@@ -22,26 +28,29 @@ import math
 import os
 
 import numpy as np
-from cryptography import x509
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from ultrafedfm.secagg.context import RoundContext
+from ultrafedfm.secagg.contribution import ContributionLedger
 from ultrafedfm.secagg.errors import (
-    AuthenticationError, IdentityError, ProtocolError, RoundAborted, ShareRequestRefused,
+    AuthenticationError, ContributionRefused, IdentityError, ProtocolError, RoundAborted, ShareRequestRefused,
 )
-from ultrafedfm.secagg.identity import SiteIdentity, verify_signed_by_site
+from ultrafedfm.secagg.figures import FIGURE_SLOTS, RoundFigures, encode_figures
 from ultrafedfm.secagg.masks import (
     CHUNK_ELEMENTS, MaskStream, agree, apply_streams, derive_key, length_prefixed, pair_sign,
 )
+from ultrafedfm.secagg.membership import Membership
 from ultrafedfm.secagg.messages import (
     SERVER, AdvertiseKeys, EncryptedShares, KeyRoster, MaskedInput, ShareDelivery, SurvivorList, SurvivorSignature,
     UnmaskRequest, UnmaskResponse, check_envelope, roster_payload, survivors_payload,
 )
 from ultrafedfm.secagg.params import SecAggConfig
-from ultrafedfm.secagg.quantize import StochasticEncoder, quantize_into, ring_dtype
+from ultrafedfm.secagg.quantize import StochasticEncoder, ring_dtype
 from ultrafedfm.secagg.shamir import SHARE_BYTES, Share, split_secret
+from ultrafedfm.secagg.signing import SiteSigningKey
 
 _logger = logging.getLogger(__name__)
 
@@ -53,22 +62,23 @@ _RAW = serialization.Encoding.Raw
 
 def share_associated_data(*, sender: str, receiver: str, job_id: str, round_number: int) -> bytes:
     """AES-GCM associated data of a share ciphertext: binds sender, receiver, job and round."""
-    fields = [b"ultrafedfm-secagg/v1/shares", sender.encode(), receiver.encode(), job_id.encode(),
+    fields = [b"ultrafedfm-secagg/v2/shares", sender.encode(), receiver.encode(), job_id.encode(),
               round_number.to_bytes(8, "big")]
     return length_prefixed(*fields)
 
 
-def verify_roster(roster: KeyRoster, *, root_ca: x509.Certificate, job_id: str, round_number: int) -> dict[str, AdvertiseKeys]:
-    """Check every advertisement in ``roster`` (signature, CA chain, name, job, round, distinct keys)."""
+def verify_roster(roster: KeyRoster, *, members: Membership, job_id: str, round_number: int,
+                  context: bytes) -> dict[str, AdvertiseKeys]:
+    """Check every advertisement in ``roster``: a member site, signed with its pinned key over this job,
+    round and round ``context`` digest; every public key distinct. Returns them by site."""
     check_envelope(roster, expected=KeyRoster, job_id=job_id, round_number=round_number, sender=SERVER)
     by_site: dict[str, AdvertiseKeys] = {}
     keys_seen: set[bytes] = set()
     for advert in roster.advertisements:
         check_envelope(advert, expected=AdvertiseKeys, job_id=job_id, round_number=round_number)
-        if advert.sender in by_site or advert.sender == SERVER:
+        if advert.sender in by_site:
             raise ProtocolError(f"site '{advert.sender}' appears twice in the key roster; refused")
-        verify_signed_by_site(certificate_pem=advert.certificate_pem, data=advert.signed_payload(),
-                              signature=advert.signature, site_name=advert.sender, root_ca=root_ca)
+        verify_advertisement(advert, members=members, context=context)
         for key in (advert.c_public, advert.s_public):
             if len(key) != 32 or key in keys_seen:
                 raise ProtocolError(f"site '{advert.sender}' advertises a malformed or reused public key; refused")
@@ -77,29 +87,72 @@ def verify_roster(roster: KeyRoster, *, root_ca: x509.Certificate, job_id: str, 
     return by_site
 
 
+def verify_advertisement(advert: AdvertiseKeys, *, members: Membership, context: bytes) -> None:
+    """One advertisement: from a member, signed with its pinned site key, over the same round context."""
+    members.verify(advert.sender, advert.signed_payload(), advert.signature,
+                   what=f"its round keys (job '{advert.job_id}', round {advert.round})")
+    if advert.context != context:
+        raise ContributionRefused(
+            f"site '{advert.sender}' signed another round context than this party (another global model, lr, training "
+            "or secure-aggregation settings, or member list): the server sent sites different rounds, or the sites' "
+            "member lists differ (compare `ultrafedfm kit members` at each site); round refused")
+
+
 class SecAggClient:
     """One site's state for one round. Methods must be called in protocol order, each once
-    (``unmask`` may be repeated with a consistent request)."""
+    (``unmask`` may be repeated with a consistent request).
 
-    def __init__(self, *, identity: SiteIdentity, root_ca: x509.Certificate, job_id: str, round_number: int,
-                 config: SecAggConfig):
-        self.identity = identity
-        self.site = identity.name
-        self.root_ca = root_ca
+    Args:
+        signer: the site's own signing key (its ``site`` is this site's name).
+        members: the consortium's member list as this site verified and pinned it.
+        job_id, round_number: the round; bound into every key, signature and ciphertext.
+        config: the job's secure-aggregation settings, as the site's policy admitted them.
+        context: the round context the server announced (model hash, lr, training settings).
+        ledger: the site's durable contribution ledger (``ContributionLedger.open(path)``).
+        min_sites: the site's own floor (``privacy.min_sites`` of its site.yaml); the site refuses
+            rosters and survivor sets smaller than ``max(t, config.min_sites, min_sites)``.
+    """
+
+    def __init__(self, *, signer: SiteSigningKey, members: Membership, job_id: str, round_number: int,
+                 config: SecAggConfig, context: RoundContext, ledger: ContributionLedger, min_sites: int = 3):
+        if isinstance(min_sites, bool) or not isinstance(min_sites, int) or min_sites < 2:
+            raise ValueError(f"site '{signer.site}': min_sites={min_sites!r}; the site floor must be an integer >= 2 "
+                             "(privacy.min_sites in site.yaml)")
+        if members.key_of(signer.site) != signer.public_key:
+            raise IdentityError(
+                f"site '{signer.site}': its signing key ({signer.fingerprint[:16]}...) is not the key the member list "
+                f"(version {members.version}) enrols for it ({members.members[members.names.index(signer.site)].fingerprint[:16]}...); "
+                "run `ultrafedfm kit enroll` and have the project admin enrol this key")
+        self.signer = signer
+        self.site = signer.site
+        self.members = members
         self.job_id = job_id
         self.round = round_number
         self.config = config
+        self.context = context
+        self.ledger = ledger
+        self._threshold = members.threshold(config)
+        self._needed = members.minimum_sites(config, min_sites)
+        self._context_digest = context.digest(config=config, membership_digest=members.digest)
         self._step = "start"
         self._c_key = X25519PrivateKey.generate()
         self._s_key = X25519PrivateKey.generate()
         self._roster: dict[str, AdvertiseKeys] = {}
         self._index: dict[str, int] = {}
-        self._threshold = 0
         self._self_mask_seed = b""
         self._held: dict[str, tuple[Share, Share]] = {}  # peer -> (its b-share, its s_sk-share) for us
         self._revealed: dict[str, str] = {}  # peer -> "self_mask" | "mask_key"
         self._advert: AdvertiseKeys | None = None
         self._signed_list: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+
+    @property
+    def threshold(self) -> int:
+        return self._threshold
+
+    @property
+    def minimum_sites(self) -> int:
+        """Fewest sites this site accepts in the roster, key sharing and the survivor set."""
+        return self._needed
 
     def _advance(self, expected: str, to: str) -> None:
         if self._step != expected:
@@ -109,31 +162,37 @@ class SecAggClient:
 
     # -- phase 0 -------------------------------------------------------------------------------
     def advertise_keys(self) -> AdvertiseKeys:
-        """Fresh X25519 public keys for this round, signed with the site's certificate key."""
+        """Fresh X25519 public keys for this round and the round context, signed with the site's key."""
         self._advance("start", "advertise_keys")
+        self.ledger.start_round(site=self.site, job_id=self.job_id, round_number=self.round,
+                                model_sha256=self.context.model_sha256, context_digest=self._context_digest)
         c_public = self._c_key.public_key().public_bytes(_RAW, serialization.PublicFormat.Raw)
         s_public = self._s_key.public_key().public_bytes(_RAW, serialization.PublicFormat.Raw)
         unsigned = AdvertiseKeys(sender=self.site, job_id=self.job_id, round=self.round, c_public=c_public,
-                                 s_public=s_public, certificate_pem=self.identity.certificate_pem, signature=b"")
-        self._advert = dataclasses.replace(unsigned, signature=self.identity.sign(unsigned.signed_payload()))
+                                 s_public=s_public, context=self._context_digest, signature=b"")
+        self._advert = dataclasses.replace(unsigned, signature=self.signer.sign(unsigned.signed_payload()))
         return self._advert
 
     # -- phase 1 -------------------------------------------------------------------------------
     def share_keys(self, roster: KeyRoster) -> EncryptedShares:
         """Verify every site's keys, then Shamir-share our self-mask seed and mask key to each peer."""
         self._advance("advertise_keys", "share_keys")
-        roster_by_site = verify_roster(roster, root_ca=self.root_ca, job_id=self.job_id, round_number=self.round)
+        roster_by_site = verify_roster(roster, members=self.members, job_id=self.job_id, round_number=self.round,
+                                       context=self._context_digest)
         if roster_by_site.get(self.site) != self._advert:
             raise ProtocolError(f"the key roster does not carry site '{self.site}''s own keys unchanged; refused")
         n = len(roster_by_site)
         if n > self.config.max_sites:
             raise RoundAborted(f"{n} sites in the round exceed max_sites={self.config.max_sites}, for which the "
                                "ring overflow bound was checked; raise max_sites in the job's secagg config")
-        if n < self.config.min_sites:
-            raise RoundAborted(f"only {n} sites advertised keys; at least min_sites={self.config.min_sites} needed")
+        if n < self._needed:
+            raise RoundAborted(f"only {n} sites advertised keys; site '{self.site}' takes part only with at least "
+                               f"{self._needed} (threshold t={self._threshold} of {self.members.size} member sites, "
+                               f"min_sites={self.config.min_sites}, the site's own floor)")
+        self.ledger.check_reachable(site=self.site, model_sha256=self.context.model_sha256,
+                                    available=roster_by_site, where="the key roster")
         self._roster = roster_by_site
         self._index = {name: i + 1 for i, name in enumerate(sorted(roster_by_site))}
-        self._threshold = self.config.threshold_for(n)
         self._self_mask_seed = os.urandom(_SEED_BYTES)
         s_private = self._s_key.private_bytes(_RAW, serialization.PrivateFormat.Raw, serialization.NoEncryption())
         b_shares = split_secret(self._self_mask_seed, threshold=self._threshold, num_shares=n)
@@ -151,7 +210,7 @@ class SecAggClient:
         attest = roster_payload(site=self.site, job_id=self.job_id, round_number=self.round,
                                 advertisements=tuple(roster_by_site.values()))
         return EncryptedShares(sender=self.site, job_id=self.job_id, round=self.round, ciphertexts=ciphertexts,
-                               roster_signature=self.identity.sign(attest))
+                               roster_signature=self.signer.sign(attest))
 
     def _share_key(self, peer: str) -> bytes:
         secret = agree(self._c_key, self._roster[peer].c_public)
@@ -159,13 +218,29 @@ class SecAggClient:
                           sites=[self.site, peer])
 
     # -- phase 2 -------------------------------------------------------------------------------
-    def mask_input(self, delivery: ShareDelivery, *, delta: np.ndarray, weight: float) -> MaskedInput:
-        """Decrypt the peers' shares, then return q(w * delta) || q(w) plus all masks.
+    def check_task_context(self, received: RoundContext) -> None:
+        """Refuse a training task whose model, lr or settings differ from the announced (signed) context.
 
-        ``delta`` is the flat float update (any float dtype); ``weight`` the FedAvg weight
-        (e.g. image count), at most ``config.max_weight``.
+        Call it before training, with ``RoundContext(model_sha256=model_digest(weights received), lr=...,
+        training=...)`` of the training task; :meth:`mask_input` checks it again.
+        """
+        if received != self.context:
+            raise ContributionRefused(
+                f"site '{self.site}' round {self.round}: the training task brings {received.describe()}, but the "
+                f"round announced (and every site signed) {self.context.describe()} or other training settings: the "
+                "server sends this site another model or settings than its peers; nothing is sent")
+
+    def mask_input(self, delivery: ShareDelivery, *, delta: np.ndarray, weight: float, figures: RoundFigures,
+                   trained_with: RoundContext) -> MaskedInput:
+        """Decrypt the peers' shares, then return q(w * delta) || figure slots, plus all masks.
+
+        ``delta`` is the flat float update (any float dtype); ``weight`` the FedAvg weight (e.g.
+        image count), at most ``config.max_weight``; ``figures`` the site's loss, steps and image
+        count (they travel masked; see :mod:`ultrafedfm.secagg.figures`); ``trained_with`` the
+        round context of the weights the site actually trained from.
         """
         self._advance("share_keys", "mask_input")
+        self.check_task_context(trained_with)
         check_envelope(delivery, expected=ShareDelivery, job_id=self.job_id, round_number=self.round, sender=SERVER)
         if delivery.recipient != self.site:
             raise ProtocolError(f"share delivery addressed to '{delivery.recipient}' reached '{self.site}'; refused")
@@ -173,10 +248,11 @@ class SecAggClient:
         if unknown:
             raise ProtocolError(f"share delivery carries ciphertexts from {unknown}, not peers of the roster; refused")
         peers = sorted(delivery.ciphertexts)
-        needed = max(self._threshold, self.config.min_sites)
-        if len(peers) + 1 < needed:
-            raise RoundAborted(f"only {len(peers) + 1} sites completed key sharing; {needed} needed; "
+        if len(peers) + 1 < self._needed:
+            raise RoundAborted(f"only {len(peers) + 1} sites completed key sharing; {self._needed} needed; "
                                f"site '{self.site}' does not send its input")
+        self.ledger.check_reachable(site=self.site, model_sha256=self.context.model_sha256,
+                                    available=[*peers, self.site], where="the sites that shared keys")
         if set(delivery.roster_signatures) != set(peers):
             raise ProtocolError(f"share delivery to '{self.site}' lacks the roster signatures of "
                                 f"{sorted(set(peers) - set(delivery.roster_signatures))}; refused")
@@ -185,35 +261,39 @@ class SecAggClient:
             self._held[peer] = self._decrypt_shares(peer, delivery.ciphertexts[peer])
 
         delta = np.asarray(delta).reshape(-1)
+        d = delta.shape[0]
         w = self._normalised_weight(weight)
-        masked = np.empty(delta.shape[0] + 1, dtype=ring_dtype(self.config.ring_bits))
         cfg = self.config
+        tail = encode_figures(site=self.site, weight=w, figures=figures, config=cfg)
+        masked = np.empty(d + FIGURE_SLOTS, dtype=ring_dtype(cfg.ring_bits))
         encoder = StochasticEncoder(clip=cfg.clip, frac_bits=cfg.frac_bits, chunk_elements=CHUNK_ELEMENTS)
         clipped = 0
 
         def quantize_chunk(start: int, stop: int) -> None:
             nonlocal clipped
-            stop_delta = min(stop, delta.shape[0])
-            try:
-                clipped += encoder.encode_into(delta[start:stop_delta], masked[start:stop_delta], multiplier=w)
-            except ValueError as exc:
-                raise ValueError(f"site '{self.site}': the delta has non-finite values in [{start}, {stop_delta}); "
-                                 "nothing was sent (fix the local training, e.g. a diverged loss)") from exc
-            if stop > delta.shape[0]:  # the weight slot at the end, w <= 1
-                quantize_into(np.array([w]), masked[-1:], clip=1.0, frac_bits=cfg.frac_bits)
+            stop_delta = min(stop, d)
+            if start < stop_delta:
+                try:
+                    clipped += encoder.encode_into(delta[start:stop_delta], masked[start:stop_delta], multiplier=w)
+                except ValueError as exc:
+                    raise ValueError(f"site '{self.site}': the delta has non-finite values in [{start}, {stop_delta}); "
+                                     "nothing was sent (fix the local training, e.g. a diverged loss)") from exc
+            if stop > d:  # (part of) the figure slots lie in this chunk
+                first = max(start, d)
+                masked[first:stop] = tail[first - d:stop - d]
 
         streams = [MaskStream(self._self_mask_key(), sign=1, prg=cfg.prg)]
-        s_private = self._s_key
         for peer in peers:
-            secret = agree(s_private, self._roster[peer].s_public)
+            secret = agree(self._s_key, self._roster[peer].s_public)
             key = derive_key(secret, purpose="pairwise-mask", job_id=self.job_id, round_number=self.round,
                              sites=[self.site, peer])
             streams.append(MaskStream(key, sign=pair_sign(self.site, peer), prg=cfg.prg))
         apply_streams(masked, streams, before_chunk=quantize_chunk, description=f"secagg mask {self.site}")
         if clipped:
             _logger.warning("site %s: %d of %d coordinates of weight*delta exceeded clip=%g and were clipped; "
-                            "raise secagg clip if this is frequent", self.site, clipped, delta.shape[0], cfg.clip)
+                            "raise secagg clip if this is frequent", self.site, clipped, d, cfg.clip)
         self._self_mask_seed = b""  # its shares are with the peers now
+        self.ledger.record_masked_input(job_id=self.job_id, round_number=self.round)
         return MaskedInput(sender=self.site, job_id=self.job_id, round=self.round, masked=masked)
 
     def _check_same_roster(self, peer: str, signature: bytes) -> None:
@@ -222,8 +302,7 @@ class SecAggClient:
         payload = roster_payload(site=peer, job_id=self.job_id, round_number=self.round,
                                  advertisements=tuple(self._roster.values()))
         try:
-            verify_signed_by_site(certificate_pem=self._roster[peer].certificate_pem, data=payload,
-                                  signature=signature, site_name=peer, root_ca=self.root_ca)
+            self.members.verify(peer, payload, signature, what="the key roster")
         except IdentityError as exc:
             raise IdentityError(f"site '{peer}' did not sign the key roster that '{self.site}' saw (the server showed "
                                 f"sites different rosters, or altered the signature); round refused: {exc}") from exc
@@ -264,10 +343,10 @@ class SecAggClient:
                                 f"with '{self.site}' are {sorted(self._held)}; refused")
         if self.site not in survivors:
             raise ProtocolError(f"survivor list names site '{self.site}' as dropped, but it sent its input; refused")
-        needed = max(self._threshold, self.config.min_sites)
-        if len(survivors) < needed:
+        if len(survivors) < self._needed:
             raise RoundAborted(f"only {len(survivors)} masked inputs; site '{self.site}' unmasks only with at least "
-                               f"{needed} (threshold t={self._threshold}, min_sites={self.config.min_sites})")
+                               f"{self._needed} (threshold t={self._threshold} of {self.members.size} member sites, "
+                               f"min_sites={self.config.min_sites}, the site's own floor)")
 
     # -- phase 3 (consistency check, Bonawitz et al. round 3) ------------------------------------
     def sign_survivors(self, survivor_list: SurvivorList) -> SurvivorSignature:
@@ -282,12 +361,13 @@ class SecAggClient:
             raise ProtocolError(f"server showed site '{self.site}' a second, different survivor list in round "
                                 f"{self.round}; refused (a server must show every site the same list)")
         self._check_survivor_list(*listed)
+        self.ledger.check_survivors(site=self.site, model_sha256=self.context.model_sha256, survivors=listed[0])
         self._step = "consistency_check"
         self._signed_list = listed
         payload = survivors_payload(site=self.site, job_id=self.job_id, round_number=self.round,
                                     survivors=listed[0], dropped=listed[1])
         return SurvivorSignature(sender=self.site, job_id=self.job_id, round=self.round,
-                                 signature=self.identity.sign(payload))
+                                 signature=self.signer.sign(payload))
 
     def _check_attestations(self, request: UnmaskRequest) -> None:
         listed = (tuple(sorted(request.survivors)), tuple(sorted(request.dropped)))
@@ -301,8 +381,7 @@ class SecAggClient:
         for signer in sorted(signers):
             payload = survivors_payload(site=signer, job_id=self.job_id, round_number=self.round,
                                         survivors=listed[0], dropped=listed[1])
-            verify_signed_by_site(certificate_pem=self._roster[signer].certificate_pem, data=payload,
-                                  signature=request.attestations[signer], site_name=signer, root_ca=self.root_ca)
+            self.members.verify(signer, payload, request.attestations[signer], what="the survivor list")
 
     # -- phase 4 -------------------------------------------------------------------------------
     def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
@@ -323,6 +402,9 @@ class SecAggClient:
                     f"server asked site '{self.site}' for the {kind.replace('_', '-')} share of site '{peer}' after "
                     f"its {self._revealed[peer].replace('_', '-')} share; both would reveal its update; refused",
                     peer=peer)
+        # Write-ahead: the survivor set is on disk before any share leaves.
+        self.ledger.bind_survivors(site=self.site, model_sha256=self.context.model_sha256, job_id=self.job_id,
+                                   round_number=self.round, survivors=survivors, dropped=dropped)
         for peer in survivors:
             self._revealed[peer] = "self_mask"
         for peer in dropped:

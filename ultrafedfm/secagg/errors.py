@@ -11,7 +11,9 @@ _logger = logging.getLogger(__name__)
 
 __all__ = [
     "AuthenticationError",
+    "ContributionRefused",
     "IdentityError",
+    "MembershipError",
     "ProtocolError",
     "RoundAborted",
     "SecAggError",
@@ -28,7 +30,16 @@ class ProtocolError(SecAggError):
 
 
 class IdentityError(SecAggError):
-    """A certificate or signature does not check out against the project's root CA."""
+    """A key or signature does not check out: not a consortium member, not the member's pinned key."""
+
+
+class MembershipError(IdentityError):
+    """The consortium's member list is missing, unsigned, rolled back, or differs from the site's pins."""
+
+
+class ContributionRefused(SecAggError):
+    """The site will not contribute: it would let the server difference two sums, or the server
+    announced one model / round setting and sent another. Its ledger names what it contributed to."""
 
 
 class AuthenticationError(SecAggError):

@@ -1,12 +1,12 @@
-"""Site identity: signing round keys with the provisioned certificate, verifying against the root CA.
+"""FLARE certificate helpers: loading a kit's certificates and checking them against the root CA.
 
-FLARE provisioning gives each site ``client.crt`` / ``client.key`` (RSA-2048) signed by the
-project's self-signed ``rootCA.pem``. A site signs its per-round public keys with that private
-key (RSA-PSS/SHA-256, ECDSA/SHA-256 or Ed25519); every other site checks the signature, that
-the certificate was issued by the root CA (directly, or through CA intermediates sent with it)
-and is valid now, and that its common name is the
-site name the keys claim. The server relays keys but cannot replace them without a site's
-private key.
+These prove TLS identity only. They are NOT what round keys are signed with any more: FLARE's
+provisioning workspace (``state/cert.json``) holds every participant's private key, and the
+server's and admins' certificates chain to the same root CA as the sites', so "issued by our CA
+with CN = name" neither proves a site nor excludes the server. Round keys are signed with each
+site's own key (:mod:`ultrafedfm.secagg.signing`) and checked against the pinned member list
+(:mod:`ultrafedfm.secagg.membership`). :func:`verify_signed_by_site` is kept for adapters and for
+the test that shows why it was not enough.
 """
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ __all__ = [
 Prg = Literal["aes-256-ctr", "chacha20"]
 CHUNK_ELEMENTS = 1 << 17  # 512 KiB of uint32: chunk, keystream and zeros stay in L2 while every stream is added
 _PROGRESS_MIN_WORK = 1 << 28  # element-stream additions (~1 s here) before a progress bar is worth showing
-_PROTOCOL_LABEL = b"ultrafedfm-secagg/v1"
+_PROTOCOL_LABEL = b"ultrafedfm-secagg/v2"
 
 
 def length_prefixed(*fields: bytes) -> bytes:

@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 SERVER = "server"
-_MAGIC = b"UFSA1\n"
+_MAGIC = b"UFSA2\n"
 
 
 class Phase(str, Enum):
@@ -67,10 +67,15 @@ class Phase(str, Enum):
     UNMASK = "unmask"
 
 
-def signed_key_payload(*, site: str, job_id: str, round_number: int, c_public: bytes, s_public: bytes) -> bytes:
-    """The exact bytes a site signs for its round keys (length-prefixed, domain-separated)."""
-    fields = [b"ultrafedfm-secagg/v1/advertise-keys", site.encode(), job_id.encode(),
-              round_number.to_bytes(8, "big"), c_public, s_public]
+def signed_key_payload(*, site: str, job_id: str, round_number: int, c_public: bytes, s_public: bytes,
+                       context: bytes) -> bytes:
+    """The exact bytes a site signs for its round keys (length-prefixed, domain-separated).
+
+    ``context`` is the round context digest (model hash, lr, training and secure-aggregation
+    settings, member list; :meth:`~ultrafedfm.secagg.context.RoundContext.digest`).
+    """
+    fields = [b"ultrafedfm-secagg/v2/advertise-keys", site.encode(), job_id.encode(),
+              round_number.to_bytes(8, "big"), c_public, s_public, context]
     return length_prefixed(*fields)
 
 
@@ -78,16 +83,17 @@ def roster_payload(*, site: str, job_id: str, round_number: int, advertisements:
     """The bytes a site signs to attest the key roster it saw: a SHA-256 digest over every entry."""
     digest = hashlib.sha256()
     for advert in sorted(advertisements, key=lambda a: a.sender):
-        for part in (advert.sender.encode(), advert.c_public, advert.s_public):
+        for part in (advert.sender.encode(), advert.c_public, advert.s_public, advert.context):
             digest.update(len(part).to_bytes(4, "big") + part)
-    fields = [b"ultrafedfm-secagg/v1/roster", site.encode(), job_id.encode(), round_number.to_bytes(8, "big"),
+    fields = [b"ultrafedfm-secagg/v2/roster", site.encode(), job_id.encode(), round_number.to_bytes(8, "big"),
               digest.digest()]
     return length_prefixed(*fields)
 
 
 @dataclass(frozen=True)
 class AdvertiseKeys:
-    """A site's per-round X25519 public keys (c: share encryption, s: masks), signed with its certificate."""
+    """A site's per-round X25519 public keys (c: share encryption, s: masks) and the digest of the round
+    context it trains in, signed with the site's own signing key (verified against the member list's pin)."""
 
     phase: ClassVar[Phase] = Phase.ADVERTISE_KEYS
     sender: str
@@ -95,12 +101,12 @@ class AdvertiseKeys:
     round: int
     c_public: bytes
     s_public: bytes
-    certificate_pem: bytes
+    context: bytes
     signature: bytes
 
     def signed_payload(self) -> bytes:
         return signed_key_payload(site=self.sender, job_id=self.job_id, round_number=self.round,
-                                  c_public=self.c_public, s_public=self.s_public)
+                                  c_public=self.c_public, s_public=self.s_public, context=self.context)
 
 
 @dataclass(frozen=True)
@@ -143,7 +149,8 @@ class ShareDelivery:
 
 @dataclass(frozen=True)
 class MaskedInput:
-    """Site -> server: y = q(w * delta) || q(w) + masks, a ring vector (uint32 or uint64)."""
+    """Site -> server: y = q(w * delta) || q(w) || q(w * loss) || steps || images, plus masks (uint32 or
+    uint64 ring vector; see :mod:`ultrafedfm.secagg.figures`)."""
 
     phase: ClassVar[Phase] = Phase.MASKED_INPUT
     sender: str
@@ -158,7 +165,7 @@ def survivors_payload(*, site: str, job_id: str, round_number: int, survivors: t
     def names(items: tuple[str, ...]) -> bytes:
         return length_prefixed(*(n.encode() for n in sorted(items)))
 
-    fields = [b"ultrafedfm-secagg/v1/survivors", site.encode(), job_id.encode(), round_number.to_bytes(8, "big"),
+    fields = [b"ultrafedfm-secagg/v2/survivors", site.encode(), job_id.encode(), round_number.to_bytes(8, "big"),
               names(survivors), names(dropped)]
     return length_prefixed(*fields)
 
@@ -275,7 +282,7 @@ def _check_field(cls: type, name: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise bad("a non-negative integer")
         return value
-    if name in ("c_public", "s_public", "certificate_pem", "signature", "roster_signature"):
+    if name in ("c_public", "s_public", "context", "signature", "roster_signature"):
         if not isinstance(value, (bytes, bytearray)):
             raise bad("bytes")
         return bytes(value)

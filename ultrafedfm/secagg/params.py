@@ -45,6 +45,8 @@ class SecAggConfig:
         consistency_check: the survivors sign the survivor list before anyone unmasks (Bonawitz et
             al.'s round 3; one more round trip). Off, an actively malicious server could show sites
             different lists and unmask the sum of a small group of sites (never one site alone).
+        max_loss: a site's training loss travels inside the mask as w * loss / max_loss; losses
+            outside [0, max_loss] are clipped for the aggregate loss (never for training).
     """
 
     min_sites: int = 3
@@ -56,6 +58,7 @@ class SecAggConfig:
     max_weight: float = 1.0
     prg: Literal["aes-256-ctr", "chacha20"] = "aes-256-ctr"
     consistency_check: bool = True
+    max_loss: float = 16.0
 
     def __post_init__(self) -> None:
         check(self.min_sites >= 2, "min_sites", "must be at least 2 (with 1 site the sum is that site's update)")
@@ -71,6 +74,7 @@ class SecAggConfig:
                             "group of sites by showing sites different survivor lists")
         check(self.clip > 0, "clip", "must be positive")
         check(self.max_weight > 0, "max_weight", "must be positive")
+        check(self.max_loss > 0, "max_loss", "must be positive")
         safe = max_safe_frac_bits(num_sites=self.max_sites, clip=self.clip, ring_bits=self.ring_bits)
         if self.frac_bits is None:
             check(safe >= MIN_USEFUL_FRAC_BITS, "clip",
@@ -86,7 +90,10 @@ class SecAggConfig:
                 raise ConfigError(str(exc), key="frac_bits") from None
 
     def threshold_for(self, num_sites: int) -> int:
-        """Shamir threshold of a round with ``num_sites`` sites (checks the configured one is allowed)."""
+        """Shamir threshold for a consortium of ``num_sites`` member sites (checks the configured one is allowed).
+
+        The protocol calls it with the consortium's size, never with a roster the server chose.
+        """
         majority = majority_threshold(num_sites)
         if self.threshold is not None and self.threshold < majority:
             raise ConfigError(
@@ -94,7 +101,7 @@ class SecAggConfig:
                 "would let the server unmask one site; remove it or raise it", key="threshold")
         t = max(majority, self.threshold or 0)
         if t > num_sites:
-            raise ConfigError(f"{t} exceeds the {num_sites} sites of this round", key="threshold")
+            raise ConfigError(f"{t} exceeds the {num_sites} sites of the consortium", key="threshold")
         return t
 
     @property

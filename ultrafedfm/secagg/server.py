@@ -3,20 +3,23 @@
 A pure message-in/message-out state machine (the caller decides when a phase closes, e.g.
 on a timeout, which is how dropouts happen)::
 
-    server = SecAggServer(root_ca=ca, job_id="job-1", round_number=3, config=cfg)
+    server = SecAggServer(members=membership, job_id="job-1", round_number=3, config=cfg, context=announced)
     for a in adverts: server.receive_advertisement(a)
     roster = server.key_roster()                      # -> every site
     for s in shares: server.receive_encrypted_shares(s)
     deliveries = server.share_deliveries()            # deliveries[site] -> that site
-    for m in masked: server.receive_masked_input(m)   # summed on arrival, never stored one by one
+    for m in masked: server.receive_masked_input(m)   # checked, then summed; never stored one by one
     survivors = server.survivor_list()                # -> every survivor (consistency check)
     for s in signatures: server.receive_survivor_signature(s)
     request = server.unmask_request()                 # -> every survivor
     for r in answers: server.receive_unmask_response(r)
-    result = server.aggregate()                       # sum of w * delta, sum of w, their ratio
+    result = server.aggregate()                       # sum of w * delta, sum of w, their ratio, figures
 
-The server only ever holds the running sum of masked vectors; each site's input is added into it
-on arrival and its buffer dropped.
+The server only ever holds the running sum of masked vectors; each site's input is checked
+completely (:meth:`SecAggServer.check_masked_input`, which an adapter calls before it looks at
+anything else in the reply) and only then added into the sum. It checks advertisements against
+the same member list and round context as the sites, so a site with another member list or
+settings is dropped at once instead of failing the round later.
 """
 from __future__ import annotations
 
@@ -24,20 +27,21 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from ultrafedfm.secagg.client import verify_roster
+from ultrafedfm.secagg.client import verify_advertisement, verify_roster
+from ultrafedfm.secagg.context import RoundContext
 from ultrafedfm.secagg.errors import ProtocolError, RoundAborted
-from ultrafedfm.secagg.identity import verify_signed_by_site
+from ultrafedfm.secagg.figures import FIGURE_SLOTS, AggregateFigures, decode_figures
+from ultrafedfm.secagg.membership import Membership
 from ultrafedfm.secagg.masks import MaskStream, agree, apply_streams, derive_key, pair_sign
 from ultrafedfm.secagg.messages import (
     SERVER, AdvertiseKeys, EncryptedShares, KeyRoster, MaskedInput, ShareDelivery, SurvivorList, SurvivorSignature,
     UnmaskRequest, UnmaskResponse, check_envelope, roster_payload, survivors_payload,
 )
 from ultrafedfm.secagg.params import SecAggConfig
-from ultrafedfm.secagg.quantize import dequantize, ring_dtype
+from ultrafedfm.secagg.quantize import ring_dtype
 from ultrafedfm.secagg.shamir import Share, ShamirError, combine_shares
 
 _logger = logging.getLogger(__name__)
@@ -49,52 +53,88 @@ _DECODE_CHUNK = 1 << 16
 
 @dataclass(frozen=True)
 class AggregateResult:
-    """The unmasked sum of a round. ``ring_sum`` = sum of q(w * delta) || q(w) over the survivors."""
+    """The unmasked sum of a round: ``ring_sum`` = sum of q(w * delta) || figure slots over the survivors."""
 
     ring_sum: np.ndarray = field(repr=False)
-    frac_bits: int
-    max_weight: float
+    config: SecAggConfig
     survivors: tuple[str, ...]
     dropped: tuple[str, ...]
 
     @property
+    def frac_bits(self) -> int:
+        return self.config.frac_bits
+
+    @property
+    def max_weight(self) -> float:
+        return self.config.max_weight
+
+    @property
+    def vector_length(self) -> int:
+        """Length of the delta (the ring sum has the figure slots after it)."""
+        return self.ring_sum.shape[0] - FIGURE_SLOTS
+
+    @property
+    def figures(self) -> AggregateFigures:
+        """Sum of weights, weighted mean loss, total steps and total images of the survivors."""
+        return decode_figures(self.ring_sum[self.vector_length:], config=self.config)
+
+    @property
     def weight_sum(self) -> float:
         """Sum of the survivors' FedAvg weights (in the sites' units, e.g. images)."""
-        return float(dequantize(self.ring_sum[-1:], frac_bits=self.frac_bits)[0]) * self.max_weight
+        return self.figures.weight_sum
+
+    @property
+    def loss(self) -> float:
+        """sum(w * loss) / sum(w) over the survivors (nan if the weights sum to zero)."""
+        return self.figures.loss
 
     def weighted_delta_sum(self) -> np.ndarray:
         """sum_i w_i * delta_i as float64 (within len(survivors) * 2^-frac_bits * max_weight)."""
-        return dequantize(self.ring_sum[:-1], frac_bits=self.frac_bits) * self.max_weight
+        d = self.vector_length
+        signed = self.ring_sum[:d].view(np.int32 if self.ring_sum.dtype == np.uint32 else np.int64)
+        return signed.astype(np.float64) * (self.max_weight / 2.0**self.frac_bits)
 
     def mean_delta(self, dtype: np.dtype = np.float32) -> np.ndarray:
         """Weighted FedAvg delta sum(w * delta) / sum(w), decoded chunk by chunk."""
         total = self.weight_sum
         if total <= 0:
             raise RoundAborted("the survivors' weights sum to zero; there is no weighted mean to apply")
-        signed = self.ring_sum[:-1].view(np.int32 if self.ring_sum.dtype == np.uint32 else np.int64)
-        out = np.empty(signed.shape[0], dtype=dtype)
+        d = self.vector_length
+        signed = self.ring_sum[:d].view(np.int32 if self.ring_sum.dtype == np.uint32 else np.int64)
+        out = np.empty(d, dtype=dtype)
         scale = np.float64(self.max_weight / total / 2.0**self.frac_bits)
-        for start in range(0, signed.shape[0], _DECODE_CHUNK):
-            stop = min(start + _DECODE_CHUNK, signed.shape[0])
+        for start in range(0, d, _DECODE_CHUNK):
+            stop = min(start + _DECODE_CHUNK, d)
             # one pass per chunk: int -> float64 product -> cast to the output dtype
             np.multiply(signed[start:stop], scale, out=out[start:stop], dtype=np.float64, casting="same_kind")
         return out
 
 
 class SecAggServer:
-    """The aggregation server's state for one round."""
+    """The aggregation server's state for one round.
 
-    def __init__(self, *, root_ca: x509.Certificate, job_id: str, round_number: int, config: SecAggConfig,
-                 vector_length: int | None = None):
-        self.root_ca = root_ca
+    Args:
+        members: the consortium's member list from the server's kit (the same file the sites hold).
+        job_id, round_number: the round.
+        config: the job's secure-aggregation settings.
+        context: the round context announced to the sites (model hash, lr, training settings).
+        vector_length: length of the flat delta, if known (else taken from the first valid input).
+    """
+
+    def __init__(self, *, members: Membership, job_id: str, round_number: int, config: SecAggConfig,
+                 context: RoundContext, vector_length: int | None = None):
+        self.members = members
         self.job_id = job_id
         self.round = round_number
         self.config = config
-        self.vector_length = vector_length  # of the delta; the ring vector has one more slot (the weight)
+        self.context = context
+        self.vector_length = vector_length  # of the delta; the ring vector has FIGURE_SLOTS more
+        self._context_digest = context.digest(config=config, membership_digest=members.digest)
         self._step = "advertise_keys"
         self._adverts: dict[str, AdvertiseKeys] = {}
         self._index: dict[str, int] = {}
-        self._threshold = 0
+        self._threshold = members.threshold(config)
+        self._needed = members.minimum_sites(config)
         self._shares: dict[str, EncryptedShares] = {}
         self._sharing_sites: tuple[str, ...] = ()
         self._sum: np.ndarray | None = None
@@ -122,24 +162,24 @@ class SecAggServer:
         self._expect_step("advertise_keys", "an advertisement")
         check_envelope(message, expected=AdvertiseKeys, job_id=self.job_id, round_number=self.round)
         self._refuse_duplicate(self._adverts, message.sender, "key advertisement")
-        verify_signed_by_site(certificate_pem=message.certificate_pem, data=message.signed_payload(),
-                              signature=message.signature, site_name=message.sender, root_ca=self.root_ca)
+        verify_advertisement(message, members=self.members, context=self._context_digest)
         self._adverts[message.sender] = message
 
     def key_roster(self) -> KeyRoster:
         """Close phase 0: the signed set of keys every site gets."""
         self._expect_step("advertise_keys", "closing key advertisement")
         n = len(self._adverts)
-        if n < self.config.min_sites:
-            raise RoundAborted(f"only {n} sites advertised keys in round {self.round}; min_sites="
-                               f"{self.config.min_sites}; nothing was sent by any site")
+        if n < self._needed:
+            raise RoundAborted(f"only {n} sites advertised keys in round {self.round}; {self._needed} needed "
+                               f"(threshold t={self._threshold} of {self.members.size} member sites, min_sites="
+                               f"{self.config.min_sites}); nothing was sent by any site")
         if n > self.config.max_sites:
             raise RoundAborted(f"{n} sites exceed max_sites={self.config.max_sites} (the ring overflow bound); "
                                "raise max_sites in the job's secagg config")
-        self._threshold = self.config.threshold_for(n)
         roster = KeyRoster(sender=SERVER, job_id=self.job_id, round=self.round,
                            advertisements=tuple(self._adverts[s] for s in sorted(self._adverts)))
-        verify_roster(roster, root_ca=self.root_ca, job_id=self.job_id, round_number=self.round)
+        verify_roster(roster, members=self.members, job_id=self.job_id, round_number=self.round,
+                      context=self._context_digest)
         self._index = {name: i + 1 for i, name in enumerate(sorted(self._adverts))}
         self._step = "share_keys"
         return roster
@@ -155,11 +195,10 @@ class SecAggServer:
         if set(message.ciphertexts) != expected:
             raise ProtocolError(f"site '{message.sender}' sent shares for {sorted(message.ciphertexts)}, "
                                 f"expected one for each of {sorted(expected)}; refused")
-        verify_signed_by_site(
-            certificate_pem=self._adverts[message.sender].certificate_pem, signature=message.roster_signature,
-            data=roster_payload(site=message.sender, job_id=self.job_id, round_number=self.round,
-                                advertisements=tuple(self._adverts.values())),
-            site_name=message.sender, root_ca=self.root_ca)
+        self.members.verify(message.sender, roster_payload(site=message.sender, job_id=self.job_id,
+                                                           round_number=self.round,
+                                                           advertisements=tuple(self._adverts.values())),
+                            message.roster_signature, what="the key roster")
         self._shares[message.sender] = message
 
     def share_deliveries(self) -> dict[str, ShareDelivery]:
@@ -177,14 +216,19 @@ class SecAggServer:
         }
 
     def _check_enough(self, count: int, what: str) -> None:
-        needed = max(self._threshold, self.config.min_sites)
-        if count < needed:
-            raise RoundAborted(f"round {self.round} aborted: only {count} {what}; {needed} needed (threshold "
-                               f"t={self._threshold}, min_sites={self.config.min_sites}); no site's input was unmasked")
+        if count < self._needed:
+            raise RoundAborted(f"round {self.round} aborted: only {count} {what}; {self._needed} needed (threshold "
+                               f"t={self._threshold} of {self.members.size} member sites, min_sites="
+                               f"{self.config.min_sites}); no site's input was unmasked")
 
     # -- phase 2 -------------------------------------------------------------------------------
-    def receive_masked_input(self, message: MaskedInput) -> None:
-        """Add one site's masked vector into the running sum (the vector itself is not kept)."""
+    def check_masked_input(self, message: MaskedInput) -> None:
+        """Validate one site's masked input completely, without touching the sum.
+
+        An adapter calls this first, then checks whatever else the reply carries, and only then
+        :meth:`receive_masked_input`: a reply refused at any point never enters the sum (the site
+        is then listed as dropped, and its pairwise masks are removed through its mask key).
+        """
         self._expect_step("masked_input", "a masked input")
         check_envelope(message, expected=MaskedInput, job_id=self.job_id, round_number=self.round)
         if message.sender not in self._sharing_sites:
@@ -193,16 +237,22 @@ class SecAggServer:
             raise ProtocolError(f"second masked input from site '{message.sender}' in round {self.round}; refused")
         vector = message.masked
         dtype = ring_dtype(self.config.ring_bits)
-        if vector.dtype != dtype or vector.ndim != 1:
-            raise ProtocolError(f"masked input from '{message.sender}' is {vector.dtype}{list(vector.shape)}, "
-                                f"expected a 1-D {np.dtype(dtype).name} vector")
+        if not isinstance(vector, np.ndarray) or vector.dtype != dtype or vector.ndim != 1:
+            raise ProtocolError(f"masked input from '{message.sender}' is {getattr(vector, 'dtype', type(vector))}"
+                                f"{list(getattr(vector, 'shape', []))}, expected a 1-D {np.dtype(dtype).name} vector")
+        expected = None if self.vector_length is None else self.vector_length + FIGURE_SLOTS
+        if vector.shape[0] <= FIGURE_SLOTS or (expected is not None and vector.shape[0] != expected):
+            raise ProtocolError(f"masked input from '{message.sender}' has {vector.shape[0] - FIGURE_SLOTS} "
+                                f"coordinates, expected {self.vector_length}; refused")
+
+    def receive_masked_input(self, message: MaskedInput) -> None:
+        """Check one site's masked vector (:meth:`check_masked_input`), then add it into the running sum."""
+        self.check_masked_input(message)
+        vector = message.masked
         if self.vector_length is None:
-            self.vector_length = vector.shape[0] - 1
-        if vector.shape[0] != self.vector_length + 1:
-            raise ProtocolError(f"masked input from '{message.sender}' has {vector.shape[0] - 1} coordinates, "
-                                f"expected {self.vector_length}; refused")
+            self.vector_length = vector.shape[0] - FIGURE_SLOTS
         if self._sum is None:
-            self._sum = np.array(vector, dtype=dtype, copy=True)
+            self._sum = np.array(vector, copy=True)
         else:
             np.add(self._sum, vector, out=self._sum)  # wraps modulo 2^b
         self._survivors.append(message.sender)
@@ -229,11 +279,10 @@ class SecAggServer:
         if message.sender not in survivors:
             raise ProtocolError(f"survivor-list signature from '{message.sender}', not a survivor; refused")
         self._refuse_duplicate(self._attestations, message.sender, "survivor-list signature")
-        verify_signed_by_site(
-            certificate_pem=self._adverts[message.sender].certificate_pem, signature=message.signature,
-            data=survivors_payload(site=message.sender, job_id=self.job_id, round_number=self.round,
-                                   survivors=survivors, dropped=dropped),
-            site_name=message.sender, root_ca=self.root_ca)
+        self.members.verify(message.sender, survivors_payload(site=message.sender, job_id=self.job_id,
+                                                              round_number=self.round, survivors=survivors,
+                                                              dropped=dropped),
+                            message.signature, what="the survivor list")
         self._attestations[message.sender] = message.signature
 
     def unmask_request(self) -> UnmaskRequest:
@@ -297,8 +346,8 @@ class SecAggServer:
         self._step = "done"
         _logger.info("secagg round %d: aggregated %d sites (%d dropped after key sharing)", self.round,
                      len(self._request.survivors), len(self._request.dropped))
-        return AggregateResult(ring_sum=self._sum, frac_bits=self.config.frac_bits, max_weight=self.config.max_weight,
-                               survivors=self._request.survivors, dropped=self._request.dropped)
+        return AggregateResult(ring_sum=self._sum, config=self.config, survivors=self._request.survivors,
+                               dropped=self._request.dropped)
 
     def _reconstruct(self, owner: str, responders: list[str], kind: str) -> bytes:
         shares = []

@@ -12,17 +12,23 @@ from dataclasses import dataclass, field
 from typing import Collection, Mapping
 
 import numpy as np
-from cryptography import x509
 
 from ultrafedfm.secagg.client import SecAggClient
-from ultrafedfm.secagg.identity import SiteIdentity
+from ultrafedfm.secagg.context import RoundContext
+from ultrafedfm.secagg.contribution import ContributionLedger
+from ultrafedfm.secagg.figures import RoundFigures
+from ultrafedfm.secagg.membership import Membership
 from ultrafedfm.secagg.messages import Message, from_bytes, to_bytes
 from ultrafedfm.secagg.params import SecAggConfig
 from ultrafedfm.secagg.server import AggregateResult, SecAggServer
+from ultrafedfm.secagg.signing import SiteSigningKey
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["RoundReport", "simulate_round", "wire"]
+__all__ = ["SIMULATED_CONTEXT", "RoundReport", "simulate_round", "wire"]
+
+# A round context for simulations that have no real model (the hash of nothing in particular).
+SIMULATED_CONTEXT = RoundContext(model_sha256="0" * 64, lr=0.0, training={"simulated": True})
 
 
 @dataclass
@@ -43,11 +49,15 @@ def wire(message: Message, counter: Counter | None = None) -> Message:
 
 def simulate_round(
     *,
-    identities: Mapping[str, SiteIdentity],
-    root_ca: x509.Certificate,
+    signers: Mapping[str, SiteSigningKey],
+    members: Membership,
     deltas: Mapping[str, np.ndarray],
     weights: Mapping[str, float],
     config: SecAggConfig,
+    figures: Mapping[str, RoundFigures] | None = None,
+    context: RoundContext = SIMULATED_CONTEXT,
+    ledgers: Mapping[str, ContributionLedger] | None = None,
+    min_sites: int = 3,
     job_id: str = "simulated-job",
     round_number: int = 0,
     drop_before_sharing: Collection[str] = (),
@@ -55,14 +65,18 @@ def simulate_round(
     drop_before_unmask: Collection[str] = (),
     drop_after_check: Collection[str] = (),
 ) -> RoundReport:
-    """Run every phase for ``identities`` (site name -> identity); raises as the protocol does.
+    """Run every phase for the sites in ``signers`` (site name -> its signing key); raises as the protocol does.
 
-    Sites in ``drop_before_unmask`` drop after their masked input (before the consistency check);
-    those in ``drop_after_check`` after signing the survivor list, before answering the unmask request.
+    ``figures`` default to loss 0, 1 step and ``round(weight)`` images per site; ``ledgers`` to an
+    in-memory ledger per site; ``min_sites`` is every site's own floor. Sites in
+    ``drop_before_unmask`` drop after their masked input (before the consistency check); those in
+    ``drop_after_check`` after signing the survivor list, before answering the unmask request.
     """
-    clients = {name: SecAggClient(identity=identity, root_ca=root_ca, job_id=job_id, round_number=round_number,
-                                  config=config) for name, identity in sorted(identities.items())}
-    server = SecAggServer(root_ca=root_ca, job_id=job_id, round_number=round_number, config=config)
+    ledgers = ledgers or {name: ContributionLedger.in_memory() for name in signers}
+    clients = {name: SecAggClient(signer=signer, members=members, job_id=job_id, round_number=round_number,
+                                  config=config, context=context, ledger=ledgers[name], min_sites=min_sites)
+               for name, signer in sorted(signers.items())}
+    server = SecAggServer(members=members, job_id=job_id, round_number=round_number, config=config, context=context)
     sent = {name: Counter() for name in clients}
 
     for name, client in clients.items():
@@ -76,7 +90,9 @@ def simulate_round(
     for name, delivery in deliveries.items():
         if name in drop_before_input:
             continue
-        masked = clients[name].mask_input(wire(delivery), delta=deltas[name], weight=weights[name])
+        own = (figures or {}).get(name) or RoundFigures(loss=0.0, steps=1, num_samples=round(weights[name]))
+        masked = clients[name].mask_input(wire(delivery), delta=deltas[name], weight=weights[name], figures=own,
+                                          trained_with=context)
         server.receive_masked_input(wire(masked, sent[name]))
         del masked
     if config.consistency_check:
