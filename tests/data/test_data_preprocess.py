@@ -6,7 +6,9 @@ import pytest
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from ultrafedfm.data.preprocess import box_from_regions, find_imaging_box, letterbox, suppress_overlays
+from ultrafedfm.data.preprocess import (
+    _drop_empty_lines, _max_filter, _min_filter, box_from_regions, find_imaging_box, letterbox, suppress_overlays,
+)
 
 
 def _speckle(shape=(240, 320), seed=0) -> np.ndarray:
@@ -114,3 +116,28 @@ def test_letterbox_nearest_keeps_mask_values():
     mask[30:60, 60:100] = 255
     out = letterbox(mask, 48, nearest=True)
     assert set(np.unique(out)) <= {0, 255}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dropping_empty_lines_keeps_eight_connected_groups_exactly(seed):
+    """overlay_mask labels its candidates without the empty rows and columns: same groups, same sizes."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((120, 160), dtype=bool)
+    for _ in range(12):  # small blobs and diagonal strokes, some one or two empty lines apart
+        y, x = rng.integers(0, 115), rng.integers(0, 155)
+        mask[y:y + rng.integers(1, 4), x:x + rng.integers(1, 4)] = True
+        if y + 7 < 120 and x + 2 < 160:
+            mask[y + 5 + np.arange(3), x + np.arange(3)] = True
+    mask[50, 10], mask[52, 10], mask[54, 12] = True, True, True  # one empty row apart: separate groups
+    structure = np.ones((3, 3), dtype=bool)
+    full, full_count = ndimage.label(mask, structure=structure)
+    compact, compact_count = ndimage.label(_drop_empty_lines(mask), structure=structure)
+    assert compact_count == full_count
+    assert np.array_equal(full[mask], compact[compact > 0])  # raster order: the i-th pixel keeps its group
+
+
+@pytest.mark.parametrize("size", [3, 5])
+def test_running_min_and_max_filters_replicate_edges(size):
+    image = np.random.default_rng(size).integers(0, 256, (37, 53), dtype=np.uint8)
+    assert np.array_equal(_min_filter(image, size), ndimage.minimum_filter(image, size=size, mode="nearest"))
+    assert np.array_equal(_max_filter(image, size), ndimage.maximum_filter(image, size=size, mode="nearest"))

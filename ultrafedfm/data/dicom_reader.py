@@ -260,10 +260,21 @@ def _to_gray(ds: Dataset, arr: np.ndarray, photometric: str, index: int) -> Deco
 
 def _rgb_to_gray(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """ITU-R 601 luma in integer arithmetic (0.299, 0.587, 0.114 as 77/150/29 of 256) and chroma mask."""
-    r, g, b = (rgb[..., c].astype(np.uint16) for c in range(3))
-    gray = ((77 * r + 150 * g + 29 * b + 128) >> 8).astype(np.uint8)
-    chroma = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)
-    return gray, chroma > _CHROMA_THRESHOLD
+    # One copy to planes first: every operation below then runs on contiguous memory, in place.
+    r, g, b = np.ascontiguousarray(np.moveaxis(rgb, -1, 0))
+    luma = r.astype(np.uint16)
+    luma *= 77
+    term = g.astype(np.uint16)
+    term *= 150
+    luma += term
+    np.multiply(b, 29, out=term, dtype=np.uint16)
+    luma += term
+    luma += 128
+    luma >>= 8
+    chroma = np.maximum(r, g)
+    np.maximum(chroma, b, out=chroma)
+    chroma -= np.minimum(np.minimum(r, g), b)
+    return luma.astype(np.uint8), chroma > _CHROMA_THRESHOLD
 
 
 def _palette_luts(ds: Dataset, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:

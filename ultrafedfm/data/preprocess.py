@@ -142,19 +142,41 @@ def overlay_mask(gray: np.ndarray, colour: np.ndarray | None = None) -> np.ndarr
     candidates = ((gray - opened) > _TOPHAT_CONTRAST) & (gray >= _OVERLAY_MIN_LEVEL)  # opening <= gray: no wrap
     candidates |= gray >= _SATURATED
     mask = _grow(colour) if colour is not None else np.zeros(gray.shape, dtype=bool)
-    if candidates.any():
-        labels, count = ndimage.label(_grow(candidates), structure=np.ones((3, 3), dtype=bool))
-        flat = labels.ravel()
-        area = np.bincount(flat, minlength=count + 1)[1:]
-        sharp = np.bincount(labels[_edge_strength(gray) >= _SHARP_EDGE], minlength=count + 1)[1:]
-        boxes = np.array([(s[0].stop - s[0].start, s[1].stop - s[1].start) for s in ndimage.find_objects(labels)])
-        extent, fill = boxes.max(axis=1), area / boxes.prod(axis=1)
-        text_sized = (area >= _MIN_OVERLAY_AREA) & (area <= _MAX_OVERLAY_AREA_FRACTION * gray.size)
-        line_like = (extent >= _MIN_LINE_EXTENT) & (fill <= _MAX_LINE_FILL)
-        crisp = sharp >= np.maximum(2, _MIN_SHARP_FRACTION * area)
-        overlay = np.concatenate([[False], crisp & (text_sized | line_like)])
-        mask |= overlay[labels]
+    if not candidates.any():
+        return mask
+    grown = _grow(candidates)
+    # Candidates are a few percent of the frame: label them on the frame without its empty rows
+    # and columns, and measure each group from its own pixels instead of scanning the whole
+    # label image once per statistic. Both keep raster order, so the i-th set pixel of the
+    # compacted frame is the i-th of the frame.
+    compact = _drop_empty_lines(grown)
+    labels, count = ndimage.label(compact, structure=np.ones((3, 3), dtype=bool))
+    group = labels.ravel()[np.flatnonzero(compact)]
+    where = np.flatnonzero(grown)
+    area = np.bincount(group, minlength=count + 1)[1:]
+    sharp = np.bincount(group[_edge_strength_at(gray, where) >= _SHARP_EDGE], minlength=count + 1)[1:]
+    rows, cols = np.divmod(where, gray.shape[1])
+    order = np.argsort(group, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(area)[:-1]])
+    height = np.maximum.reduceat(rows[order], starts) - np.minimum.reduceat(rows[order], starts) + 1
+    width = np.maximum.reduceat(cols[order], starts) - np.minimum.reduceat(cols[order], starts) + 1
+    extent, fill = np.maximum(height, width), area / (height * width)
+    text_sized = (area >= _MIN_OVERLAY_AREA) & (area <= _MAX_OVERLAY_AREA_FRACTION * gray.size)
+    line_like = (extent >= _MIN_LINE_EXTENT) & (fill <= _MAX_LINE_FILL)
+    crisp = sharp >= np.maximum(2, _MIN_SHARP_FRACTION * area)
+    overlay = np.concatenate([[False], crisp & (text_sized | line_like)])
+    mask.ravel()[where[overlay[group]]] = True
     return mask
+
+
+def _drop_empty_lines(mask: np.ndarray) -> np.ndarray:
+    """``mask`` without its empty rows and columns, except the first empty one after each run of
+    non-empty ones: it keeps groups apart, so 8-connected components are exactly those of ``mask``."""
+    keep = []
+    for axis in (1, 0):
+        used = mask.any(axis=axis)
+        keep.append(used | np.concatenate([[False], used[:-1]]))
+    return mask.compress(keep[0], axis=0).compress(keep[1], axis=1)
 
 
 def _grow(mask: np.ndarray) -> np.ndarray:
@@ -174,26 +196,25 @@ def _max_filter(image: np.ndarray, size: int) -> np.ndarray:
 
 def _running(image: np.ndarray, size: int, op: np.ufunc, *, axis: int) -> np.ndarray:
     # For the small windows used here, size-1 element-wise ops on shifted views are several
-    # times faster than scipy.ndimage's 1D min/max filters.
-    r = size // 2
-    pad = [(r, r) if a == axis else (0, 0) for a in range(image.ndim)]
-    padded = np.pad(image, pad, mode="edge")
-    n = image.shape[axis]
-    window = (lambda k: padded[k:k + n]) if axis == 0 else (lambda k: padded[:, k:k + n])  # noqa: E731
-    out = window(0).copy()
-    for k in range(1, size):
-        op(out, window(k), out=out)
+    # times faster than scipy.ndimage's 1D min/max filters. Clipping the window at the border
+    # is the same as replicating the edge pixel (min/max are idempotent), and needs no padding.
+    out = image.copy()
+    src, dst = (image, out) if axis == 0 else (image.T, out.T)
+    for k in range(1, size // 2 + 1):
+        op(dst[k:], src[:-k], out=dst[k:])
+        op(dst[:-k], src[k:], out=dst[:-k])
     return out
 
 
-def _edge_strength(gray: np.ndarray) -> np.ndarray:
-    """Largest absolute difference of each pixel to its right or lower neighbour (uint8)."""
-    edge = np.zeros(gray.shape, dtype=np.uint8)
-    a, b = gray[:, :-1], gray[:, 1:]
-    edge[:, :-1] = np.maximum(a, b) - np.minimum(a, b)
-    a, b = gray[:-1, :], gray[1:, :]
-    np.maximum(edge[:-1, :], np.maximum(a, b) - np.minimum(a, b), out=edge[:-1, :])
-    return edge
+def _edge_strength_at(gray: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """Largest absolute difference of the pixels at flat indices ``where`` to their right or lower
+    neighbour (int16; 0 where there is none)."""
+    flat = gray.ravel()
+    height, width = gray.shape
+    here = flat[where].astype(np.int16)
+    right = np.where(where % width < width - 1, flat[np.minimum(where + 1, flat.size - 1)], here)
+    below = np.where(where < (height - 1) * width, flat[np.minimum(where + width, flat.size - 1)], here)
+    return np.maximum(np.abs(here - right), np.abs(here - below))
 
 
 def inpaint(gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
