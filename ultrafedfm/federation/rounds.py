@@ -57,7 +57,7 @@ class RoundContext:
         usable = {}
         for site, reply in result.replies.items():
             if reply.refused:
-                self.drop(site, task_name, f"refused by the site's policy: {reply.refused}", level=logging.ERROR)
+                self.drop(site, task_name, reply.refused, refused=True)
             elif reply.error:
                 self.drop(site, task_name, f"failed at the site: {reply.error}")
             else:
@@ -68,10 +68,17 @@ class RoundContext:
                     site, f"no answer within {timeout_s:g} s (timed out, or the site's process died)"))
         return usable
 
-    def drop(self, site: str, task_name: str, reason: str, *, level: int = logging.WARNING) -> None:
-        """Record that ``site`` takes no further part in this round (its first reason is kept)."""
-        self.stats.failed.setdefault(site, f"{task_name}: {reason}")
-        _logger.log(level, "%s: site %s failed in %s: %s", self.label, site, task_name, reason)
+    def drop(self, site: str, task_name: str, reason: str, *, refused: bool = False) -> None:
+        """Record that ``site`` takes no further part in this round (its first reason is kept).
+
+        ``refused``: the site's own privacy policy refused the job (an ERROR: someone must act).
+        """
+        if refused:
+            self.stats.failed.setdefault(site, f"{task_name}: refused by the site's policy: {reason}")
+            _logger.error("%s: site %s refused by the site's policy (%s): %s", self.label, site, task_name, reason)
+        else:
+            self.stats.failed.setdefault(site, f"{task_name}: {reason}")
+            _logger.warning("%s: site %s failed in %s: %s", self.label, site, task_name, reason)
 
     def record_site(self, site: str, *, loss: float, num_samples: int, train_seconds: float) -> None:
         """Per-site figures of an accepted update (shown in the round's statistics)."""

@@ -79,7 +79,6 @@ class SiteSession:
         if contract.secure_aggregation:
             params = self._secure_aggregation(admission, task.name).mask_update(
                 params=task.params or {}, delta=delta, num_samples=update.num_samples, round_index=task.round)
-            _logger.info("%s: round %d: masked input sent", self.site_name, task.round + 1)
         else:
             params = delta
         return self._update_reply(params, update)

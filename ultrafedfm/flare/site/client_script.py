@@ -20,6 +20,8 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 from ultrafedfm.federation.exchange import SiteReply
 from ultrafedfm.federation.site_session import SiteSession, SiteTask
+from ultrafedfm.federation.tasks import TRAIN_TASK
+from ultrafedfm.federation.wire import SECAGG_KEY
 from ultrafedfm.privacy import PolicyRefusal
 
 _logger = logging.getLogger("ultrafedfm.flare.site")
@@ -55,6 +57,8 @@ def main() -> int:
             _logger.exception("%s: task '%s' of round %d failed", session.site_name, task.name, task.round + 1)
             reply = session.failure_reply(exc)
         _send(reply, round_index=task.round)
+        if task.name == TRAIN_TASK and reply.params is not None and SECAGG_KEY in reply.params:
+            _logger.info("%s: round %d: masked input sent", session.site_name, task.round + 1)
     return 0
 
 
