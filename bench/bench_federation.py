@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from ultrafedfm.data.cache import CacheEntry, ManifestWriter, image_relpath, init_cache, salted_key, write_png
-from ultrafedfm.flare.job_builder import export_job_folder
-from ultrafedfm.flare.job_spec import JOB_SPECS
-from ultrafedfm.flare.run_state import RunState
-from ultrafedfm.flare.simulation import prepare_workspace, run_simulation
+from ultrafedfm.flare.deploy.job_builder import export_job_folder
+from ultrafedfm.federation.job_spec import JOB_SPECS
+from ultrafedfm.federation.run_state import RunState
+from ultrafedfm.flare.deploy.simulation import prepare_workspace, run_simulation
 
 _logger = logging.getLogger("bench_federation")
 

@@ -22,7 +22,7 @@ Relative paths are taken relative to the folder holding ``site.yaml``.
 Secure aggregation signs each round's keys with the site's provisioned certificate: by default
 the kit's ``startup/client.crt`` / ``startup/client.key``, checked against ``startup/rootCA.pem``.
 An ``identity:`` section names other files; the FLARE simulator (no kits) uses it to point each
-simulated site at a throwaway simulation CA's certificate (``ultrafedfm.flare.simulation``)::
+simulated site at a throwaway simulation CA's certificate (``ultrafedfm.flare.deploy.simulation``)::
 
     identity: {certificate: /sim/site-1/client.crt, private_key: /sim/site-1/client.key, root_ca: /sim/rootCA.pem}
 """
@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ultrafedfm.config import ConfigError, check, from_mapping, load_yaml
+from ultrafedfm.data.ingest_config import IngestConfig
 from ultrafedfm.privacy.policy import PrivacyPolicy
 
 _logger = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class SiteConfig:
     Args:
         cache: the site-local cache written by ``ultrafedfm ingest`` (pixels only, no PHI).
         dicom: a DICOM folder ingested into ``cache`` when the cache does not exist yet.
-        ingest: ``IngestConfig`` options used for that ingestion (see ultrafedfm.data.ingest_config).
+        ingest: how that ingestion turns DICOM into images (``IngestConfig``, validated when the file is read).
         device: ``cpu``, ``cuda`` or ``auto`` (``cuda`` when available).
         num_threads: torch intra-op threads for training (``None``: torch's default).
         num_workers: data-loader worker processes (0: load in the training process).
@@ -88,7 +89,7 @@ class SiteConfig:
 
     cache: Path
     dicom: Path | None = None
-    ingest: dict[str, Any] = field(default_factory=dict)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     num_threads: int | None = None
     num_workers: int = 2

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ultrafedfm.flare.provisioning import ProvisionResult, provision_consortium
+from ultrafedfm.kit.provisioning import ProvisionResult, provision_consortium
 from ultrafedfm.kit.consortium import AdminSpec, ConsortiumConfig, ServerSpec, SiteSpec
 
 ADMIN = "admin@ufm-e2e.org"

@@ -8,27 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ultrafedfm.data.cache import CacheEntry, ManifestWriter, image_relpath, init_cache, salted_key, write_png
-from ultrafedfm.flare.job_builder import export_job_folder
-from ultrafedfm.flare.job_spec import JOB_SPECS, JobSpec
-from ultrafedfm.flare.run_state import RunState
-from ultrafedfm.flare.simulation import SimulationResult, prepare_workspace, run_simulation, workspace_processes
-
-
-def make_cache(root: Path, *, n_images: int, size: int = 16, seed: int = 0, brightness: float = 0.5) -> Path:
-    """A real site cache (the ingest format) of smooth random images; ``brightness`` makes sites non-IID."""
-    rng = np.random.default_rng(seed)
-    salt = init_cache(root, image_size=size)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    with ManifestWriter(root) as manifest:
-        for i in range(n_images):
-            fx, fy, phase = rng.uniform(1, 3), rng.uniform(1, 3), rng.uniform(0, 6.28)
-            img = brightness + 0.3 * np.sin(6.28 * (fx * xx + fy * yy) + phase) + 0.05 * rng.standard_normal((size, size))
-            img = (np.clip(img, 0, 1) * 255).astype(np.uint8)
-            key = salted_key(salt, "test", i)
-            write_png(root, image_relpath(key), img)
-            manifest.add(CacheEntry(key=key, instance=key, image=image_relpath(key), source="image"))
-    return root
+from caches import make_cache  # noqa: F401  (re-exported for the FLARE tests)
+from ultrafedfm.flare.deploy.job_builder import export_job_folder
+from ultrafedfm.federation.job_spec import JOB_SPECS, JobSpec
+from ultrafedfm.federation.run_state import RunState
+from ultrafedfm.flare.deploy.simulation import SimulationResult, prepare_workspace, run_simulation, workspace_processes
 
 
 def tiny_spec(tmp: Path, **changes) -> JobSpec:
@@ -71,6 +55,6 @@ def site_trainer_pids(workspace: Path, site_name: str) -> list[int]:
             cwd = os.readlink(f"/proc/{pid}/cwd")
         except OSError:
             continue
-        if b"ultrafedfm.flare.client_script" in cmdline and f"{os.sep}{site_name}{os.sep}" in cwd:
+        if b"ultrafedfm.flare.site.client_script" in cmdline and f"{os.sep}{site_name}{os.sep}" in cwd:
             pids.append(pid)
     return pids

@@ -8,8 +8,8 @@ import timm
 import torch
 
 from ultrafedfm.cli.demo import run_demo
-from ultrafedfm.flare.run_state import RunState
-from ultrafedfm.flare.simulation import workspace_processes
+from ultrafedfm.federation.run_state import RunState
+from ultrafedfm.flare.deploy.simulation import workspace_processes
 
 
 @pytest.mark.slow

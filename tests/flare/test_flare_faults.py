@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from flare_helpers import make_cache, simulate, site, site_trainer_pids, tiny_spec
-from ultrafedfm.flare.model_io import build_model, model_params
-from ultrafedfm.flare.simulation import workspace_processes
+from ultrafedfm.federation.model_io import model_params
+from ultrafedfm.flare.deploy.simulation import workspace_processes
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ def test_fewer_than_min_sites_ends_the_round_without_updating_the_model(tmp_path
     assert len(rows) == 1 and not rows[0]["applied"], result.server_log
     assert "fewer than min_sites=2" in rows[0]["message"]
     assert "fewer than min_sites=2" in result.server_log.read_text()
-    initial = model_params(build_model(spec.local_training()))
+    initial = model_params(spec.training_contract().initial_model())
     final = state.load().params
     assert all(np.array_equal(final[k], initial[k]) for k in initial)
     assert not state.best_model_path.exists()

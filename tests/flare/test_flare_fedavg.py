@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from ultrafedfm.config import ConfigError
-from ultrafedfm.flare.job_spec import JOB_SPECS, JobSpec
+from ultrafedfm.federation.job_spec import JOB_SPECS, JobSpec
 from ultrafedfm.site_config import find_site_config, load_site_config
-from ultrafedfm.train.fedavg import apply_delta, round_learning_rate, weighted_mean_delta
+from ultrafedfm.federation.fedavg import apply_delta, weighted_mean_delta
+from ultrafedfm.train.schedule import round_learning_rate
 
 
 def test_weighted_mean_matches_hand_computed_average():

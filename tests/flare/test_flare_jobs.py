@@ -5,8 +5,8 @@ import json
 from pathlib import Path
 
 from ultrafedfm.cli import main
-from ultrafedfm.flare.job_builder import check_committed_jobs, diff_job_folders, export_job_folder
-from ultrafedfm.flare.job_spec import JOB_SPECS
+from ultrafedfm.flare.deploy.job_builder import check_committed_jobs, diff_job_folders, export_job_folder
+from ultrafedfm.federation.job_spec import JOB_SPECS
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
@@ -39,6 +39,6 @@ def test_paper_job_folder_holds_the_paper_setup():
     assert executor["args"]["params_exchange_format"] == "numpy"
     assert executor["args"].get("server_expected_format", "numpy") == "numpy"  # omitted when FLARE's default
     assert spec["secure_aggregation"] is True and spec["secagg_phase_timeout_s"] == 60
-    assert executor["args"]["command"][-1] == "ultrafedfm.flare.client_script"
+    assert executor["args"]["command"][-1] == "ultrafedfm.flare.site.client_script"
     meta = json.loads((JOBS / "mae_pretrain" / "meta.json").read_text())
     assert meta["min_clients"] == 3

@@ -9,11 +9,12 @@ from nvflare.app_common.decomposers import common_decomposers
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from nvflare.fuel.utils import fobs
 
-from ultrafedfm.flare.job_spec import JOB_SPECS
-from ultrafedfm.flare.secagg_identity import load_server_root_ca, load_site_identity, make_simulation_identities
-from ultrafedfm.flare.secagg_site import SiteSecureAggregation
-from ultrafedfm.flare.secagg_wire import SECAGG_KEY, message_from_params, message_to_array, site_key, split_params
-from ultrafedfm.flare.simulation import prepare_workspace
+from ultrafedfm.config import to_mapping
+from ultrafedfm.federation.job_spec import JOB_SPECS
+from ultrafedfm.kit.identity import load_server_root_ca, load_site_identity, make_simulation_identities
+from ultrafedfm.federation.secure_site import SiteSecureAggregation
+from ultrafedfm.federation.wire import SECAGG_KEY, message_from_params, message_to_array, site_key, split_params
+from ultrafedfm.flare.deploy.simulation import prepare_workspace
 from ultrafedfm.privacy import JobRequest, PolicyRefusal, PrivacyPolicy, admit_job
 from ultrafedfm.secagg import IdentityError, MaskedInput, SecAggConfig, SecAggServer
 from ultrafedfm.site_config import IdentityFiles, SiteConfig, load_site_config
@@ -21,7 +22,7 @@ from ultrafedfm.site_config import IdentityFiles, SiteConfig, load_site_config
 
 def _request(spec=JOB_SPECS["mae_pretrain_tiny"], **changes) -> JobRequest:
     fields = dict(job=spec.name, secure_aggregation=spec.secure_aggregation,
-                  differential_privacy=spec.differential_privacy, secagg=spec.secagg_config(), dp=None)
+                  differential_privacy=spec.differential_privacy, secagg=to_mapping(spec.secagg_config()), dp=None)
     fields.update(changes)
     return JobRequest(**fields)
 
@@ -40,7 +41,7 @@ def test_a_strict_site_refuses_a_plaintext_job_naming_its_key_and_the_job(tmp_pa
     with pytest.raises(TypeError):
         JobRequest(job="j", secure_aggregation=False, privacy={"require_secure_aggregation": False})
     admission = admit_job(strict.privacy, _request(), site_name="site-2")
-    assert admission.secagg == SecAggConfig(**JOB_SPECS["mae_pretrain_tiny"].secagg_config())
+    assert admission.secagg == JOB_SPECS["mae_pretrain_tiny"].secagg_config()
     relaxed = SiteConfig(cache=tmp_path, privacy=PrivacyPolicy(require_secure_aggregation=False))
     assert admit_job(relaxed.privacy, plaintext, site_name="site-1").secagg is None
 
@@ -61,7 +62,7 @@ def test_a_site_requiring_dp_refuses_a_job_without_it(tmp_path):
 
 def test_the_server_cannot_weaken_secure_aggregation_settings_at_a_site(tmp_path):
     policy = PrivacyPolicy()
-    settings = JOB_SPECS["mae_pretrain_tiny"].secagg_config()
+    settings = to_mapping(JOB_SPECS["mae_pretrain_tiny"].secagg_config())
     with pytest.raises(PolicyRefusal, match="consistency_check") as refusal:
         admit_job(policy, _request(secagg={**settings, "consistency_check": False}), site_name="site-2")
     assert refusal.value.key == "secagg.consistency_check"
@@ -76,7 +77,7 @@ def test_the_server_cannot_weaken_secure_aggregation_settings_at_a_site(tmp_path
 def test_secure_aggregation_is_on_in_both_committed_jobs():
     for spec in JOB_SPECS.values():
         assert spec.secure_aggregation and spec.min_sites >= 3
-        SecAggConfig(**spec.secagg_config())
+        assert isinstance(spec.secagg_config(), SecAggConfig) and spec.secagg_config().consistency_check
 
 
 def test_a_site_without_its_kit_files_fails_naming_the_missing_file(tmp_path):

@@ -16,12 +16,13 @@ import pytest
 import torch
 
 from flare_helpers import make_cache, secure_site, simulate, site, site_trainer_pids, tiny_spec
-from ultrafedfm.flare.model_io import build_model, model_params
-from ultrafedfm.flare.simulation import workspace_processes
-from ultrafedfm.flare.site_training import SiteTrainer
+from ultrafedfm.federation.model_io import model_params
+from ultrafedfm.flare.deploy.simulation import workspace_processes
+from ultrafedfm.federation.site_training import SiteTrainer
 from ultrafedfm.secagg import SecAggConfig
 from ultrafedfm.site_config import SiteConfig
-from ultrafedfm.train.fedavg import apply_delta, round_learning_rate, weighted_mean_delta
+from ultrafedfm.federation.fedavg import apply_delta, weighted_mean_delta
+from ultrafedfm.train.schedule import round_learning_rate
 
 pytestmark = pytest.mark.slow
 
@@ -40,14 +41,14 @@ def hand_deltas(spec, caches: dict[str, Path], params: dict) -> dict[str, dict[s
     out = {}
     for name, cache in caches.items():
         trainer = SiteTrainer(site_name=name, site_config=SiteConfig(cache=cache, num_workers=0, num_threads=1))
-        update = trainer.train_round(global_params=params, training=spec.local_training(), lr=lr, round_index=0)
+        update = trainer.train_round(global_params=params, contract=spec.training_contract(), lr=lr, round_index=0)
         out[name] = {k: v.numpy() for k, v in update.delta.items()}
     return out
 
 
 def quantisation_bound(spec, num_sites: int, total_weight: float) -> float:
     """|secure mean - plaintext mean| per coordinate: n * 2^-f * max_weight / sum(w), twice for the weight slot."""
-    cfg = SecAggConfig(**spec.secagg_config())
+    cfg = spec.secagg_config()
     return 2 * num_sites * 2.0 ** -cfg.frac_bits * cfg.max_weight / total_weight
 
 
@@ -106,7 +107,7 @@ def test_secure_round_equals_plaintext_fedavg_and_no_single_delta_reaches_the_se
     assert "securely aggregated 3 sites (sum of weights 48.0)" in server_log
 
     # (a) the unmasked mean equals plaintext weighted FedAvg within the quantisation bound
-    initial = model_params(build_model(spec.local_training()))
+    initial = model_params(spec.training_contract().initial_model())
     deltas = hand_deltas(spec, caches, initial)
     expected = apply_delta(initial, weighted_mean_delta([deltas[n] for n in sizes], weights=list(sizes.values())))
     final = state.load().params
@@ -168,7 +169,7 @@ def test_a_site_dying_after_its_masked_input_is_recovered_by_the_others(tmp_path
     assert row["failed"]["site-4"].startswith(("secagg_consistency_check", "secagg_unmask")), row["failed"]
     assert set(row["failed"]) == {"site-4"}
 
-    initial = model_params(build_model(spec.local_training()))
+    initial = model_params(spec.training_contract().initial_model())
     deltas = hand_deltas(spec, caches, initial)
     expected = apply_delta(initial, weighted_mean_delta([deltas[n] for n in sizes], weights=list(sizes.values())))
     assert max_abs_diff(state.load().params, expected) <= quantisation_bound(spec, 4, sum(sizes.values())) + 2e-5
@@ -186,7 +187,7 @@ def test_too_few_masked_inputs_abort_the_round_and_leave_the_model_unchanged(tmp
     assert "only 2 masked inputs arrived" in rows[0]["message"] and "unchanged" in rows[0]["message"]
     log = result.server_log.read_text()
     assert "only 2 masked inputs arrived" in log and "secagg_unmask" not in log  # nothing was unmasked
-    initial = model_params(build_model(spec.local_training()))
+    initial = model_params(spec.training_contract().initial_model())
     final = state.load().params
     assert all(np.array_equal(final[k], initial[k]) for k in initial)
 

@@ -11,11 +11,12 @@ import torch
 
 from flare_helpers import make_cache, simulate, site, tiny_spec
 from ultrafedfm.data.cache import CacheDataset
-from ultrafedfm.flare.model_io import build_model, model_params, pretrain_config
-from ultrafedfm.flare.simulation import workspace_processes
-from ultrafedfm.flare.site_training import SiteTrainer, local_generator_seed
+from ultrafedfm.federation.model_io import model_params
+from ultrafedfm.flare.deploy.simulation import workspace_processes
+from ultrafedfm.federation.site_training import SiteTrainer, local_generator_seed
 from ultrafedfm.site_config import SiteConfig
-from ultrafedfm.train.fedavg import apply_delta, round_learning_rate, weighted_mean_delta
+from ultrafedfm.federation.fedavg import apply_delta, weighted_mean_delta
+from ultrafedfm.train.schedule import round_learning_rate
 from ultrafedfm.train.pretrain import train_local
 
 
@@ -38,12 +39,12 @@ def test_one_site_with_e_local_epochs_equals_centralized_training(tmp_path):
     checkpoint = state.load()
     assert checkpoint is not None and checkpoint.last_completed_round == 0, result.server_log
 
-    training = spec.local_training()
-    model = build_model(training)
+    contract = spec.training_contract()
+    model = contract.initial_model()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the site (num_threads: 1), so float sums run in the same order
     try:
-        train_local(model=model, dataset=CacheDataset(cache, image_size=16), config=pretrain_config(training),
+        train_local(model=model, dataset=CacheDataset(cache, image_size=16), config=contract.pretrain_config(),
                     epochs=2, lr=_lr(spec, 0), device="cpu", resume=False, progress=False,
                     generator_seed=local_generator_seed(spec.seed, 0, "site-1"))
     finally:
@@ -68,12 +69,12 @@ def test_unequal_sites_are_weighted_by_sample_count_and_loss_falls(tmp_path):
 
     # FedAvg by hand: the same local training outside FLARE, averaged with weights 8 and 32.
     torch.set_num_threads(1)
-    training = spec.local_training()
+    contract = spec.training_contract()
     trainers = {n: SiteTrainer(site_name=n, site_config=SiteConfig(cache=c, num_workers=0, num_threads=1))
                 for n, c in caches.items()}
-    weighted = unweighted = model_params(build_model(training))
+    weighted = unweighted = model_params(contract.initial_model())
     for r in range(spec.num_rounds):
-        deltas = {n: {k: v.numpy() for k, v in t.train_round(global_params=weighted, training=training,
+        deltas = {n: {k: v.numpy() for k, v in t.train_round(global_params=weighted, contract=contract,
                                                                lr=_lr(spec, r), round_index=r).delta.items()}
                   for n, t in trainers.items()}
         if r == 0:

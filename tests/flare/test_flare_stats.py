@@ -5,9 +5,9 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.widgets.info_collector import GroupInfoCollector, InfoCollector
 
 from ultrafedfm.config import to_mapping
-from ultrafedfm.flare.job_spec import JOB_SPECS
-from ultrafedfm.flare.stats import RoundStats, format_round_line
-from ultrafedfm.flare.workflow import MaePretrainController
+from ultrafedfm.federation.job_spec import JOB_SPECS
+from ultrafedfm.federation.stats import RoundStats, format_round_line
+from ultrafedfm.flare.server.controller import MaePretrainController
 
 
 def _collect(controller: MaePretrainController) -> dict:
@@ -26,7 +26,7 @@ def test_controller_publishes_round_stats_to_the_info_collector():
     stats = RoundStats(round=0, num_rounds=3, lr=1e-4, targets=["site-1", "site-2"], participants=["site-1"],
                        failed={"site-2": "no result"}, loss={"site-1": 0.9}, global_loss=0.9,
                        bytes_received=1234, duration_s=2.5, applied=True)
-    controller._last_stats, controller._current_round = stats, 1
+    controller.progress.last_stats, controller.progress.current_round = stats, 1
     last = _collect(controller)["MaePretrainController"]["last_round"]
     assert last["participants"] == ["site-1"] and last["loss"] == {"site-1": 0.9}
     assert last["bytes_received"] == 1234 and last["failed"] == {"site-2": "no result"}

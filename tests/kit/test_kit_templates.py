@@ -11,7 +11,7 @@ from pydicom.data import get_testdata_file
 
 from ultrafedfm.cli import main
 from ultrafedfm.data.cache import open_cache
-from ultrafedfm.flare.provisioning import project_yaml
+from ultrafedfm.kit.provisioning import project_yaml
 from ultrafedfm.kit.consortium import load_consortium
 
 REPO = Path(__file__).resolve().parents[2]

@@ -20,6 +20,11 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ultrafedfm.federation.run_state import RunState
+    from ultrafedfm.flare.deploy.simulation import SimulationResult
 
 _logger = logging.getLogger(__name__)
 
@@ -30,6 +35,7 @@ DEFAULT_ROUNDS = 5
 # The tiny MAE learns visibly within a few rounds at this rate (peak 1e-2 * 16 / 256).
 DEMO_BASE_LR = 1e-2
 DEFAULT_IMAGE_SIZE = 32
+DEMO_RUN_NAME = "demo"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -73,41 +79,58 @@ def run_demo(
     timeout_s: float = 900.0,
     n_sites: int = 3,
 ) -> int:
-    from ultrafedfm.flare.job_builder import export_job_folder
-    from ultrafedfm.flare.job_spec import JOB_SPECS
-    from ultrafedfm.flare.run_state import RunState
-    from ultrafedfm.flare.simulation import prepare_workspace, run_simulation
-    from ultrafedfm.flare.stats import RoundStats, format_round_line
-
     out = Path(out).resolve()
     if out.exists() and any(out.iterdir()):
         _logger.error("%s exists and is not empty; pass another --out", out)
         return 2
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-
     site_dirs = _make_sites(out / "sites", n_sites=n_sites, images_per_site=images_per_site, image_size=image_size, seed=seed)
     caches = _ingest_sites(site_dirs, image_size=image_size)
     names = [f"site-{i}" for i in range(1, n_sites + 1)]
+    spec = demo_spec(out=out, rounds=rounds, image_size=image_size, preset=preset, seed=seed, n_sites=n_sites)
+    run = _run_federation(out, spec, dict(zip(names, caches)), timeout_s=timeout_s)
+    problems = _problems(run.state, rounds)
+    if problems:
+        _logger.error("the federated run FAILED (%s; simulator exit code %s). Server log: %s",
+                      "; ".join(problems), run.result.returncode, run.result.server_log)
+        _print_log_tail(run.result.server_log)
+        return 1
+    _print_table(run.state.read_rounds(), names)
+    print(f"\nfinished in {time.monotonic() - started:.0f} s")
+    _print_paths(run)
+    return 0
 
-    spec = dataclasses.replace(
-        JOB_SPECS["mae_pretrain_tiny"],
-        name="ultrafedfm_demo",
-        preset=preset,
-        img_size=image_size,
-        num_rounds=rounds,
-        warmup_rounds=min(1, rounds),
-        base_lr=DEMO_BASE_LR,
-        seed=seed,
-        min_sites=n_sites,
-        run_name="demo",
-        run_state_dir=str(out / "run"),
+
+def demo_spec(*, out: Path, rounds: int, image_size: int, preset: str, seed: int, n_sites: int):
+    """The tiny pretraining job, sized for the demo, with its run state under ``out/run``."""
+    from ultrafedfm.federation.job_spec import JOB_SPECS
+
+    return dataclasses.replace(
+        JOB_SPECS["mae_pretrain_tiny"], name="ultrafedfm_demo", preset=preset, img_size=image_size,
+        num_rounds=rounds, warmup_rounds=min(1, rounds), base_lr=DEMO_BASE_LR, seed=seed, min_sites=n_sites,
+        run_name=DEMO_RUN_NAME, run_state_dir=str(out / "run"),
     )
+
+
+@dataclasses.dataclass
+class _DemoRun:
+    state: "RunState"
+    result: "SimulationResult"
+    workspace: Path
+
+
+def _run_federation(out: Path, spec, caches: dict[str, Path], *, timeout_s: float) -> _DemoRun:
+    """Export the job, prepare the simulator's workspace and run it, printing a line per round."""
+    from ultrafedfm.federation.run_state import RunState
+    from ultrafedfm.federation.stats import RoundStats, format_round_line
+    from ultrafedfm.flare.deploy.job_builder import export_job_folder
+    from ultrafedfm.flare.deploy.simulation import prepare_workspace, run_simulation
+
     job_dir = export_job_folder(spec, out / "job", python=sys.executable)
     workspace = out / "flare"
-    prepare_workspace(workspace, site_configs={n: {"cache": str(c)} for n, c in zip(names, caches)})
-    state = RunState(out / "run", "demo")
-
+    prepare_workspace(workspace, site_configs={name: {"cache": str(cache)} for name, cache in caches.items()})
+    state = RunState(spec.run_state_dir, spec.effective_run_name)
     printed = 0
 
     def progress() -> None:
@@ -117,36 +140,38 @@ def run_demo(
             print(format_round_line(RoundStats(**row)), flush=True)
         printed = len(rows)
 
-    print(f"running {rounds} federated rounds over {n_sites} sites in the FLARE simulator ...", flush=True)
-    result = run_simulation(job_dir=job_dir, workspace=workspace, clients=names, timeout_s=timeout_s, poll=progress)
+    print(f"running {spec.num_rounds} federated rounds over {len(caches)} sites in the FLARE simulator ...",
+          flush=True)
+    result = run_simulation(job_dir=job_dir, workspace=workspace, clients=sorted(caches), timeout_s=timeout_s,
+                            poll=progress)
+    return _DemoRun(state=state, result=result, workspace=workspace)
 
-    # The simulator can exit 0 after an aborted job: judge by what the server saved.
+
+def _problems(state, rounds: int) -> list[str]:
+    """Why the run failed, judged by what the server saved (the simulator can exit 0 after an abort)."""
+    from ultrafedfm.federation.model_io import ENCODER_FILE, FINAL_MODEL_FILE
+
     rows = state.read_rounds()
-    final_model = state.dir / "final_model.pt"
-    encoder = state.dir / "encoder.pth"
     problems = []
     if len(rows) != rounds:
         problems.append(f"{len(rows)} of {rounds} rounds completed")
     if not any(r["applied"] for r in rows):
         problems.append("no round updated the global model")
-    if not final_model.is_file() or not encoder.is_file():
+    if not (state.dir / FINAL_MODEL_FILE).is_file() or not (state.dir / ENCODER_FILE).is_file():
         problems.append("the final model / encoder was not written")
-    if problems:
-        _logger.error(
-            "the federated run FAILED (%s; simulator exit code %s). Server log: %s",
-            "; ".join(problems), result.returncode, result.server_log,
-        )
-        _print_log_tail(result.server_log)
-        return 1
-    _print_table(rows, names)
-    print(f"\nfinished in {time.monotonic() - started:.0f} s")
-    print(f"global model : {final_model}")
+    return problems
+
+
+def _print_paths(run: _DemoRun) -> None:
+    from ultrafedfm.federation.model_io import ENCODER_FILE, FINAL_MODEL_FILE
+
+    state = run.state
+    print(f"global model : {state.dir / FINAL_MODEL_FILE}")
     print(f"best model   : {state.best_model_path}")
-    print(f"encoder      : {encoder}  (timm-loadable ViT encoder)")
+    print(f"encoder      : {state.dir / ENCODER_FILE}  (timm-loadable ViT encoder)")
     print(f"round stats  : {state.rounds_path}  (TensorBoard: {state.tensorboard_dir})")
-    print(f"server log   : {result.server_log}")
-    print(f"site logs    : {workspace}/site-*/log.txt")
-    return 0
+    print(f"server log   : {run.result.server_log}")
+    print(f"site logs    : {run.workspace}/site-*/log.txt")
 
 
 def _make_sites(root: Path, *, n_sites: int, images_per_site: int, image_size: int, seed: int) -> list[Path]:

@@ -3,7 +3,7 @@
     ultrafedfm jobs export            # rewrite jobs/mae_pretrain and jobs/mae_pretrain_tiny
     ultrafedfm jobs check             # exit 1 when a committed folder differs from its definition
 
-The jobs are defined once in ``ultrafedfm.flare.job_spec.JOB_SPECS``; run one on a
+The jobs are defined once in ``ultrafedfm.federation.job_spec.JOB_SPECS``; run one on a
 provisioned system with ``nvflare job submit -j jobs/<name>`` from an admin startup kit.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ultrafedfm.flare.job_builder import check_committed_jobs, export_all
+    from ultrafedfm.flare.deploy.job_builder import check_committed_jobs, export_all
 
     if args.action == "export":
         for path in export_all(args.dir):

@@ -1,9 +1,12 @@
-"""Thin NVIDIA FLARE adapters for federated MAE pretraining.
+"""Thin NVIDIA FLARE adapters, grouped by the process that loads them (the only package that imports nvflare).
 
-``job_spec`` (every knob, no FLARE) -> ``job_builder`` (the FedJob, exported to ``jobs/``);
-``workflow`` (server: rounds, FedAvg of deltas, run state, stats); ``client_script`` (site:
-Client API loop around ``site_training``); ``simulation`` (the simulator for tests and the
-demo). Secure aggregation: ``secagg_workflow`` (server phases), ``secagg_site`` (site phases
-and the site's policy), ``secagg_wire`` (messages through FLARE), ``secagg_identity``
-(kit certificates, or a simulation-only CA). See docs/federation.md and docs/secure-aggregation.md.
+- ``server/``: ``controller`` (a ``ModelController`` around ``ultrafedfm.federation.server.FederatedRun``)
+  and ``allow_list`` (only consortium sites may register), loaded by the FLARE server;
+- ``site/``: ``client_script`` (the Client API loop around ``ultrafedfm.federation.site_session``),
+  run by each site's FLARE client;
+- ``deploy/``: ``job_builder`` (``FedJob`` folders under ``jobs/``), ``kit_builder`` (our files in
+  every provisioned kit) and ``simulation`` (the FLARE simulator for the demo and tests);
+- ``registry``: task names, component classes and the class allow-list.
+
+See ARCHITECTURE.md and docs/federation.md.
 """

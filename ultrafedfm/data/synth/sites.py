@@ -212,28 +212,49 @@ def generate_sites(*, out_dir: Path, n_sites: int, images_per_site: int, seed: i
     Returns:
         The site folders, in order.
     """
+    profiles = _checked_profiles(n_sites=n_sites, images_per_site=images_per_site, cine_fraction=cine_fraction,
+                                 seed=seed, image_size=image_size, profiles=profiles)
+    out_dir = Path(out_dir)
+    site_dirs = [out_dir / p.name for p in profiles]
+    for site_dir in site_dirs:
+        _prepare_site_dir(site_dir, overwrite)
+    plans = [_plan_site(seed=seed, site_index=i, profile=p, n_images=images_per_site, cine_fraction=cine_fraction)
+             for i, p in enumerate(profiles)]
+    rows = _render_sites(seed=seed, profiles=profiles, site_dirs=site_dirs, plans=plans, workers=workers,
+                         images_per_site=images_per_site, progress=progress)
+    summary = [_write_ground_truth(profile, site_dir, site_rows, plan)
+               for profile, site_dir, site_rows, plan in zip(profiles, site_dirs, rows, plans)]
+    (out_dir / "sites.yaml").write_text(yaml.safe_dump(
+        dict(generator=_GENERATOR, seed=seed, images_per_site=images_per_site, cine_fraction=cine_fraction,
+             sites=summary), sort_keys=False), encoding="utf-8")
+    return site_dirs
+
+
+def _checked_profiles(*, n_sites: int, images_per_site: int, cine_fraction: float, seed: int,
+                      image_size: tuple[int, int] | None, profiles: list[SiteProfile] | None) -> list[SiteProfile]:
+    """The sites' profiles at their final frame size; bad arguments fail here, not in a worker."""
     if n_sites < 1 or images_per_site < 0:
         raise ValueError(f"need n_sites >= 1 and images_per_site >= 0, got {n_sites} and {images_per_site}")
     if not 0.0 <= cine_fraction <= 1.0:
         raise ValueError(f"cine_fraction must be within 0..1, got {cine_fraction}")
-    out_dir = Path(out_dir)
     profiles = list(profiles) if profiles is not None else default_site_profiles(n_sites, seed)
     if len(profiles) != n_sites:
         raise ValueError(f"got {len(profiles)} profiles for {n_sites} sites")
     profiles = [with_image_size(p, image_size) for p in profiles]
     for profile in profiles:
         frame_layout(profile.geometry, profile.image_size)  # a frame too small fails here, not in a worker
-    site_dirs = [out_dir / p.name for p in profiles]
-    for site_dir in site_dirs:
-        _prepare_site_dir(site_dir, overwrite)
-    plans = [_plan_site(seed=seed, site_index=i, profile=p, n_images=images_per_site, cine_fraction=cine_fraction)
-             for i, p in enumerate(profiles)]
-    workers = max(1, min(workers or os.cpu_count() or 1, n_sites * max(1, images_per_site)))
+    return profiles
+
+
+def _render_sites(*, seed: int, profiles: list[SiteProfile], site_dirs: list[Path], plans: list[list[_ImageJob]],
+                  workers: int | None, images_per_site: int, progress: bool) -> list[list[dict]]:
+    """Render every planned image, in worker processes when there are several; ground-truth rows per site."""
+    workers = max(1, min(workers or os.cpu_count() or 1, len(profiles) * max(1, images_per_site)))
     chunk = int(np.clip(images_per_site // (4 * workers) or 1, 4, 64))
     tasks = [(seed, profiles[i], site_dirs[i], plan[start:start + chunk])
              for i, plan in enumerate(plans) for start in range(0, len(plan), chunk)]
     rows: list[list[dict]] = [[] for _ in profiles]
-    bar = tqdm(total=n_sites * images_per_site, desc="synth", unit="img", disable=not progress)
+    bar = tqdm(total=len(profiles) * images_per_site, desc="synth", unit="img", disable=not progress)
     try:
         if workers == 1:
             for task in tasks:
@@ -247,19 +268,19 @@ def generate_sites(*, out_dir: Path, n_sites: int, images_per_site: int, seed: i
                     bar.update(len(task[3]))
     finally:
         bar.close()
-    summary = []
-    for profile, site_dir, site_rows, plan in zip(profiles, site_dirs, rows, plans):
-        site_rows.sort(key=lambda r: (r["file"], r["frame"]))
-        with open(site_dir / "ground_truth.csv", "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=GROUND_TRUTH_COLUMNS)
-            writer.writeheader()
-            writer.writerows(site_rows)
-        labels = {label: sum(job.label == label for job in plan) for label in _LABELS}
-        summary.append(dict(name=profile.name, files=len(plan), cine_files=sum(j.n_frames > 1 for j in plan),
-                            frames=sum(j.n_frames for j in plan), labels=labels, profile=to_mapping(profile)))
-        _logger.info("%s: %d files (%d cine, %d frames), labels %s -> %s", profile.name, len(plan),
-                     summary[-1]["cine_files"], summary[-1]["frames"], labels, site_dir)
-    (out_dir / "sites.yaml").write_text(yaml.safe_dump(
-        dict(generator=_GENERATOR, seed=seed, images_per_site=images_per_site, cine_fraction=cine_fraction,
-             sites=summary), sort_keys=False), encoding="utf-8")
-    return site_dirs
+    return rows
+
+
+def _write_ground_truth(profile: SiteProfile, site_dir: Path, site_rows: list[dict], plan: list[_ImageJob]) -> dict:
+    """Write the site's ``ground_truth.csv``; its summary for ``sites.yaml``."""
+    site_rows.sort(key=lambda r: (r["file"], r["frame"]))
+    with open(site_dir / "ground_truth.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=GROUND_TRUTH_COLUMNS)
+        writer.writeheader()
+        writer.writerows(site_rows)
+    labels = {label: sum(job.label == label for job in plan) for label in _LABELS}
+    summary = dict(name=profile.name, files=len(plan), cine_files=sum(j.n_frames > 1 for j in plan),
+                   frames=sum(j.n_frames for j in plan), labels=labels, profile=to_mapping(profile))
+    _logger.info("%s: %d files (%d cine, %d frames), labels %s -> %s", profile.name, len(plan),
+                 summary["cine_files"], summary["frames"], labels, site_dir)
+    return summary

@@ -1,9 +1,10 @@
 """Per-round statistics of a pretraining run: one record, three sinks (no FLARE import).
 
-The server workflow fills one :class:`RoundStats` per round. It is appended to the run's
-``rounds.jsonl``, written to TensorBoard, and held as the latest value that the workflow hands
-to FLARE's info collector, which is what ``nvflare job stats`` and the admin console's
-``show_stats JOB server`` print while the job runs.
+The server's run (``federation.server``) fills one :class:`RoundStats` per round. It is
+appended to the run's ``rounds.jsonl``, written to TensorBoard, and kept as the last round of
+the run's :class:`RunProgress`, which the FLARE controller hands to FLARE's info collector:
+what ``nvflare job stats`` and the admin console's ``show_stats JOB server`` print while the
+job runs.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["RoundStats", "TensorBoardSink", "format_round_line"]
+__all__ = ["RoundStats", "RunProgress", "TensorBoardSink", "format_round_line"]
 
 
 @dataclass
@@ -43,6 +44,43 @@ class RoundStats:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class RunProgress:
+    """Where a run is: its phase, the round in progress and the last completed round's statistics."""
+
+    run_name: str
+    num_rounds: int
+    phase: str = "init"
+    current_round: int | None = None  # 0-based
+    last_stats: RoundStats | None = None
+
+    @classmethod
+    def for_job(cls, job: Any) -> "RunProgress":
+        return cls(run_name=job.effective_run_name, num_rounds=job.num_rounds)
+
+    def to_info(self) -> dict[str, Any]:
+        """The console's view: round numbers 1-based, the last round's aggregate figures."""
+        info: dict[str, Any] = {
+            "run_name": self.run_name,
+            "phase": self.phase,
+            "current_round": None if self.current_round is None else self.current_round + 1,
+            "num_rounds": self.num_rounds,
+        }
+        last = self.last_stats
+        if last is not None:
+            info["last_round"] = {
+                "round": last.round + 1,
+                "participants": last.participants,
+                "failed": last.failed,
+                "loss": last.loss,
+                "global_loss": last.global_loss,
+                "bytes_received": last.bytes_received,
+                "duration_s": round(last.duration_s, 2),
+                "applied": last.applied,
+            }
+        return info
 
 
 def format_round_line(stats: RoundStats) -> str:

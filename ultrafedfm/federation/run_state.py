@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,11 +26,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from ultrafedfm.fileio import append_line, atomic_torch_save, atomic_write_json, atomic_write_text
+
 _logger = logging.getLogger(__name__)
 
-__all__ = ["RunCheckpoint", "RunState"]
+__all__ = ["BEST_MODEL_FILE", "GLOBAL_MODEL_FILE", "ROUNDS_FILE", "RunCheckpoint", "RunState"]
 
 _FORMAT = 1
+GLOBAL_MODEL_FILE = "global_model.pt"
+BEST_MODEL_FILE = "best_model.pt"
+STATE_FILE = "state.json"
+ROUNDS_FILE = "rounds.jsonl"
+TENSORBOARD_FOLDER = "tb"
 
 
 @dataclass
@@ -59,19 +65,19 @@ class RunState:
 
     @property
     def global_model_path(self) -> Path:
-        return self.dir / "global_model.pt"
+        return self.dir / GLOBAL_MODEL_FILE
 
     @property
     def best_model_path(self) -> Path:
-        return self.dir / "best_model.pt"
+        return self.dir / BEST_MODEL_FILE
 
     @property
     def rounds_path(self) -> Path:
-        return self.dir / "rounds.jsonl"
+        return self.dir / ROUNDS_FILE
 
     @property
     def tensorboard_dir(self) -> Path:
-        return self.dir / "tb"
+        return self.dir / TENSORBOARD_FOLDER
 
     def load(self) -> RunCheckpoint | None:
         """The last saved checkpoint, or ``None`` for a new run."""
@@ -94,34 +100,28 @@ class RunState:
             # JSON inside the checkpoint keeps weights_only loading possible.
             "meta_json": json.dumps(meta),
         }
-        _atomic_torch_save(blob, self.global_model_path)
+        atomic_torch_save(blob, self.global_model_path)
         if is_best:
-            _atomic_torch_save(blob["state_dict"], self.best_model_path)
+            atomic_torch_save(blob["state_dict"], self.best_model_path)
         summary = {k: v for k, v in meta.items() if k != "history"}
         summary["rounds_in_history"] = len(checkpoint.history)
-        _atomic_write_text(self.dir / "state.json", json.dumps(summary, indent=2))
+        atomic_write_json(self.dir / STATE_FILE, summary)
 
     def append_round(self, stats: dict[str, Any]) -> None:
-        with self.rounds_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(stats) + "\n")
+        append_line(self.rounds_path, json.dumps(stats))
 
     def rewrite_rounds(self, history: list[dict[str, Any]]) -> None:
         """Make ``rounds.jsonl`` agree with a checkpoint's history (after a crash between the two)."""
-        _atomic_write_text(self.rounds_path, "".join(json.dumps(row) + "\n" for row in history))
+        atomic_write_text(self.rounds_path, "".join(json.dumps(row) + "\n" for row in history))
 
     def read_rounds(self) -> list[dict[str, Any]]:
         if not self.rounds_path.is_file():
             return []
-        return [json.loads(line) for line in self.rounds_path.read_text(encoding="utf-8").splitlines() if line]
+        rows = []
+        for line in self.rounds_path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:  # a line torn by a crash mid-append; the checkpoint's history is authoritative
+                _logger.warning("%s: skipping an unreadable line (torn by a crash?)", self.rounds_path)
+        return rows
 
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -1,12 +1,12 @@
 """FLARE jobs for federated MAE pretraining, defined once in Python from a ``JobSpec``.
 
 ``build_job(spec)`` gives a ``FedJob``: our ``MaePretrainController`` on the server and, on
-every site, ``python3 -m ultrafedfm.flare.client_script`` run by ``ClientAPIExecutor`` in one
-external process per job, returning deltas. ``export_job_folder`` writes the folder that ``nvflare job submit -j`` takes;
+every site, ``python3 -m ultrafedfm.flare.site.client_script`` run by ``ClientAPIExecutor`` in
+one external process per job. ``export_job_folder`` writes the folder that ``nvflare job submit -j`` takes;
 the committed ``jobs/<name>`` folders are exactly that output (``ultrafedfm jobs check``).
 
 The package is not copied into the job: servers and sites run with ``ultrafedfm`` installed, and their ``resources.json`` ``class_allow_list``
-must admit :data:`REQUIRED_CLASS_ALLOW_LIST`.
+must admit ``ultrafedfm.flare.registry.REQUIRED_CLASS_ALLOW_LIST``.
 """
 from __future__ import annotations
 
@@ -21,25 +21,13 @@ from nvflare.client.config import ExchangeFormat, TransferType
 from nvflare.job_config.api import FedJob
 
 from ultrafedfm.config import to_mapping
-from ultrafedfm.flare.job_spec import JOB_SPECS, JobSpec
-from ultrafedfm.flare.workflow import MaePretrainController
+from ultrafedfm.federation.job_spec import JOB_SPECS, JobSpec
+from ultrafedfm.flare.registry import CLIENT_SCRIPT_MODULE
+from ultrafedfm.flare.server.controller import MaePretrainController
 
 _logger = logging.getLogger(__name__)
 
-__all__ = [
-    "REQUIRED_CLASS_ALLOW_LIST", "build_job", "check_committed_jobs", "diff_job_folders", "export_all",
-    "export_job_folder",
-]
-
-CLIENT_SCRIPT_MODULE = "ultrafedfm.flare.client_script"
-
-# What a server's / site's resources.json ``class_allow_list`` must admit besides FLARE's
-# defaults for these jobs to start (FLARE 2.9 refuses other component classes in jobs
-# without custom code, and its defaults leave out ClientAPIExecutor, which runs a command).
-REQUIRED_CLASS_ALLOW_LIST = (
-    "nvflare.app_common.executors.client_api_executor.ClientAPIExecutor",
-    "ultrafedfm.",
-)
+__all__ = ["build_job", "check_committed_jobs", "diff_job_folders", "export_all", "export_job_folder"]
 
 
 def build_job(spec: JobSpec, *, python: str | None = None) -> FedJob:

@@ -3,10 +3,10 @@
 The simulator copies ``<workspace>/local/`` into every simulated site, so the sites' settings
 go into one ``site.yaml`` keyed by site name, next to a ``resources.json`` whose
 ``class_allow_list`` admits our workflow and FLARE's ``ClientAPIExecutor`` besides FLARE's
-defaults (``job_builder.REQUIRED_CLASS_ALLOW_LIST``).
+defaults (``registry.REQUIRED_CLASS_ALLOW_LIST``).
 
 Secure aggregation needs certificates, which a simulation has no kits for: ``prepare_workspace``
-makes a SIMULATION-ONLY CA (``secagg_identity.make_simulation_identities``) next to the
+makes a SIMULATION-ONLY CA (``ultrafedfm.kit.identity.make_simulation_identities``) next to the
 workspace (``<workspace>.identities/``; the simulator wipes everything in the workspace but
 ``local/`` and ``startup/``), puts its certificate at ``<workspace>/startup/rootCA.pem`` (the
 simulator copies ``startup/`` to the server and every site, where a kit has its root CA) and
@@ -34,8 +34,8 @@ import yaml
 
 from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
 
-from ultrafedfm.flare.job_builder import REQUIRED_CLASS_ALLOW_LIST
-from ultrafedfm.flare.secagg_identity import ROOT_CA_FILE, make_simulation_identities
+from ultrafedfm.flare.registry import REQUIRED_CLASS_ALLOW_LIST
+from ultrafedfm.kit.identity import ROOT_CA_FILE, make_simulation_identities
 from ultrafedfm.site_config import SITE_CONFIG_FILE
 
 _logger = logging.getLogger(__name__)

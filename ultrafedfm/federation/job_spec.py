@@ -1,17 +1,22 @@
 """Every knob of a federated MAE pretraining job, in one dataclass (no FLARE import).
 
-``JobSpec`` is the single definition a job is built from (``job_builder.build_job``), the
-mapping the server workflow receives as its one argument, and -- through the workflow -- the
-training settings each site receives with every task. The committed folders under ``jobs/``
+``JobSpec`` is the single definition a job is built from (``ultrafedfm.flare.deploy.job_builder``),
+the mapping the server controller receives as its one argument, and the source of the typed
+:class:`~ultrafedfm.federation.contract.TrainingContract` and ``SecAggConfig`` each site receives
+with every task. The committed folders under ``jobs/``
 are exported from the specs in :data:`JOB_SPECS`.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from ultrafedfm.config import check
+from ultrafedfm.federation.contract import TrainingContract
+
+if TYPE_CHECKING:
+    from ultrafedfm.secagg.params import SecAggConfig
 
 _logger = logging.getLogger(__name__)
 
@@ -106,38 +111,35 @@ class JobSpec:
     def effective_run_name(self) -> str:
         return self.run_name or self.name
 
-    def secagg_config(self) -> dict:
-        """``SecAggConfig`` fields of this job (sent to the sites with every secure-aggregation task)."""
+    def secagg_config(self) -> "SecAggConfig":
+        """The job's secure-aggregation settings (sent to the sites with every secure-aggregation task)."""
         from ultrafedfm.config import ConfigError
-        from ultrafedfm.secagg import SecAggConfig
+        from ultrafedfm.secagg.params import SecAggConfig
 
-        fields = {"min_sites": self.min_sites, "max_sites": self.secagg_max_sites, "max_weight": self.secagg_max_weight}
         try:
-            SecAggConfig(**fields)
+            return SecAggConfig(min_sites=self.min_sites, max_sites=self.secagg_max_sites,
+                                max_weight=self.secagg_max_weight)
         except ConfigError as exc:
             key = {"min_sites": "min_sites", "max_sites": "secagg_max_sites", "max_weight": "secagg_max_weight"}.get(
                 exc.key, "secagg_max_sites")
             raise ConfigError(f"secure aggregation: {exc.bare_message}", key=key) from None
-        return fields
 
-    def local_training(self) -> dict:
-        """What a site needs to train one round (sent in every task's meta)."""
-        return {
-            "job": self.name,
-            "preset": self.preset,
-            "img_size": self.img_size,
-            "mask_ratio": self.mask_ratio,
-            "norm_pix_loss": self.norm_pix_loss,
-            "degradations": self.degradations,
-            "local_epochs": self.local_epochs,
-            "local_steps": self.local_steps,
-            "batch_size": self.batch_size,
-            "base_lr": self.base_lr,
-            "weight_decay": self.weight_decay,
-            "seed": self.seed,
-            "differential_privacy": self.differential_privacy,
-            "secure_aggregation": self.secure_aggregation,
-        }
+    def training_contract(self) -> TrainingContract:
+        """What a site needs to train one round (sent with every task)."""
+        return TrainingContract(
+            job=self.name, preset=self.preset, img_size=self.img_size, mask_ratio=self.mask_ratio,
+            norm_pix_loss=self.norm_pix_loss, degradations=self.degradations, local_epochs=self.local_epochs,
+            local_steps=self.local_steps, batch_size=self.batch_size, base_lr=self.base_lr,
+            weight_decay=self.weight_decay, seed=self.seed, secure_aggregation=self.secure_aggregation,
+            differential_privacy=self.differential_privacy,
+        )
+
+    def learning_rate(self, round_index: int) -> float:
+        """The rate every site trains with in round ``round_index`` (warm-up, then half cosine, across rounds)."""
+        from ultrafedfm.train.schedule import round_learning_rate
+
+        return round_learning_rate(round_index, base_lr=self.base_lr, batch_size=self.batch_size,
+                                   warmup_rounds=self.warmup_rounds, total_rounds=self.num_rounds, min_lr=self.min_lr)
 
 
 _PAPER = JobSpec(name="mae_pretrain")

@@ -6,23 +6,21 @@ writes into the kit's ``local/`` folder: the filled-in ``site.yaml``, ``privacy.
 ``consortium.json`` (the consortium's name, server, site allow-list and root-CA fingerprint, which
 ``ultrafedfm kit check`` compares against) and ``README.md`` for the hospital's IT. The server kit
 gets ``consortium.json`` (its allow-list, enforced at registration by
-:class:`ultrafedfm.flare.allow_list.ConsortiumAllowList`) and job/snapshot stores inside its own workspace
+:class:`ultrafedfm.flare.server.allow_list.ConsortiumAllowList`) and job/snapshot stores inside its own workspace
 instead of FLARE's shared ``/tmp/nvflare`` default.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import string
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 from nvflare.lighter.spec import Builder, Project, ProvisionContext
 
-from ultrafedfm.flare.job_builder import REQUIRED_CLASS_ALLOW_LIST
+from ultrafedfm.flare.registry import ALLOW_LIST_COMPONENT, REQUIRED_CLASS_ALLOW_LIST
+from ultrafedfm.kit.certs import ca_fingerprint
 
 _logger = logging.getLogger(__name__)
 
@@ -31,7 +29,6 @@ __all__ = ["SiteKitBuilder"]
 SITE_FILES = ("site.yaml", "privacy.json", "authorization.json")
 RESOURCES_OVERLAY = "resources.json"
 KIT_README = "README_KIT.md"
-ALLOW_LIST_COMPONENT = "ultrafedfm.flare.allow_list.ConsortiumAllowList"
 
 
 class SiteKitBuilder(Builder):
@@ -50,10 +47,7 @@ class SiteKitBuilder(Builder):
     def build(self, project: Project, ctx: ProvisionContext) -> None:
         server = project.get_server()
         sites = [c.name for c in project.get_clients()]
-        root_ca = Path(ctx.get_kit_dir(server)) / "rootCA.pem"
-        fingerprint = hashlib.sha256(
-            x509.load_pem_x509_certificate(root_ca.read_bytes()).public_bytes(Encoding.DER)
-        ).hexdigest()
+        fingerprint = ca_fingerprint(Path(ctx.get_kit_dir(server)) / "rootCA.pem")
         consortium = {
             "consortium": project.name,
             "server": {

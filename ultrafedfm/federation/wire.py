@@ -1,12 +1,12 @@
-"""How secure-aggregation messages cross FLARE: task names, and messages as uint8 arrays in ``FLModel.params``.
+"""How secure-aggregation messages travel in a task's params: as uint8 arrays beside (or instead of) weights.
 
-The jobs exchange parameters as NumPy on both sides (``ExchangeFormat.NUMPY``), so FLARE passes
-``params`` through untouched (PyTorch exchange would drop non-tensors and convert arrays).
+The jobs exchange parameters as NumPy on both sides (FLARE's ``ExchangeFormat.NUMPY``), so the
+transport passes ``params`` through untouched.
 A protocol message is its canonical ``ultrafedfm.secagg.to_bytes`` serialisation viewed as a
 ``uint8`` array under :data:`SECAGG_KEY`; the masked ``uint32`` vector travels inside those
 bytes, so it arrives bit-exact. Per-site messages from the server (the share deliveries) go to
 every site in one task under ``SECAGG_KEY + "/" + site``: they are AES-GCM ciphertexts only the
-addressed site can open. No FLARE import: the site script and the server share this module.
+addressed site can open. No FLARE import: the site and the server share this module.
 """
 from __future__ import annotations
 
@@ -21,16 +21,8 @@ from ultrafedfm.secagg.messages import Message
 
 _logger = logging.getLogger(__name__)
 
-__all__ = [
-    "ADVERTISE_TASK", "CONSISTENCY_TASK", "SECAGG_KEY", "SECAGG_TASKS", "SHARE_KEYS_TASK", "UNMASK_TASK",
-    "message_from_params", "message_to_array", "site_key", "split_params",
-]
+__all__ = ["SECAGG_KEY", "message_from_params", "message_to_array", "site_key", "split_params"]
 
-ADVERTISE_TASK = "secagg_advertise_keys"
-SHARE_KEYS_TASK = "secagg_share_keys"
-CONSISTENCY_TASK = "secagg_consistency_check"
-UNMASK_TASK = "secagg_unmask"
-SECAGG_TASKS = (ADVERTISE_TASK, SHARE_KEYS_TASK, CONSISTENCY_TASK, UNMASK_TASK)
 SECAGG_KEY = "__secagg__"
 
 

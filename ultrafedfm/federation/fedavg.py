@@ -2,9 +2,8 @@
 
 FedAvg as in McMahan et al. 2017 and the UltraFedFM reference: each site trains from the
 global weights and returns ``delta = w_local - w_global`` with its number of training images;
-the server adds the sample-weighted mean of the deltas to the global weights. The learning
-rate follows the MAE recipe (He et al. 2022) across *rounds*: linear warm-up, then a half
-cosine, with ``lr = base_lr * batch_size / 256``.
+the server adds the sample-weighted mean of the deltas to the global weights. (The learning
+rate across rounds is ``ultrafedfm.train.schedule.round_learning_rate``.)
 
 Everything here works on ``dict[str, numpy.ndarray]`` so that the server side (and the
 secure-aggregation sum that will replace the plain sum) needs no torch.
@@ -12,14 +11,13 @@ secure-aggregation sum that will replace the plain sum) needs no torch.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Mapping, Sequence
 
 import numpy as np
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["apply_delta", "round_learning_rate", "weighted_mean_delta"]
+__all__ = ["apply_delta", "weighted_mean_delta"]
 
 
 def weighted_mean_delta(
@@ -66,29 +64,3 @@ def apply_delta(params: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray
         else:
             out[name] = value.copy()
     return out
-
-
-def round_learning_rate(
-    round_index: int,
-    *,
-    base_lr: float,
-    batch_size: int,
-    warmup_rounds: int,
-    total_rounds: int,
-    min_lr: float = 0.0,
-) -> float:
-    """Learning rate for round ``round_index`` (0-based), constant within the round.
-
-    The reference schedules per iteration with a fractional epoch; with one constant rate per
-    round we take the schedule at the round's midpoint (``round_index + 0.5``), so round 0
-    trains (a start-of-round value would be exactly 0) and the mean rate over the run matches.
-    """
-    if not 0 <= round_index < total_rounds:
-        raise ValueError(f"round_index {round_index} outside 0..{total_rounds - 1}")
-    peak = base_lr * batch_size / 256.0
-    t = round_index + 0.5
-    if t < warmup_rounds:
-        return peak * t / warmup_rounds
-    span = max(total_rounds - warmup_rounds, 1)
-    progress = (t - warmup_rounds) / span
-    return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))

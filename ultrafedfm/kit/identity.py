@@ -7,10 +7,10 @@ In a provisioned deployment a site signs its round keys with its startup kit's
 
 The FLARE simulator has no kits. :func:`make_simulation_identities` creates a simulation-only
 root CA and one certificate per simulated site (``cryptography``, EC P-256); the CA's private key
-is never written, so nothing else can be signed under it. ``simulation.prepare_workspace`` puts
+is never written, so nothing else can be signed under it. ``ultrafedfm.flare.deploy.simulation.prepare_workspace`` puts
 the CA certificate into the simulator's ``startup/`` folder (the simulator copies it into the
 server's and every site's ``startup/``, as a kit would) and names each site's files in the
-``identity:`` entry of its ``site.yaml``.
+``identity:`` entry of its ``site.yaml``. No FLARE import: sites, the server and the kit tools use it.
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def load_server_root_ca(workspace_root: Path) -> x509.Certificate:
     path = Path(workspace_root) / STARTUP / ROOT_CA_FILE
     if not path.is_file():
         raise IdentityError(f"secure aggregation needs the project root CA at {path} (the server's startup kit); "
-                            "in the simulator, prepare the workspace with ultrafedfm.flare.simulation.prepare_workspace")
+                            "in the simulator, prepare the workspace with ultrafedfm.flare.deploy.simulation.prepare_workspace")
     return load_certificate(path)
 
 

@@ -1,4 +1,4 @@
-"""Provision a consortium with FLARE's provisioner and our site-kit builder.
+"""Provision a consortium with FLARE's provisioner and our site-kit builder (run as ``nvflare provision``).
 
 ``provision_consortium`` writes FLARE's project.yml from the consortium file and runs
 ``nvflare provision`` in a workspace that keeps the project's root CA (``state/cert.json``).
@@ -54,7 +54,7 @@ def _builders(config: ConsortiumConfig, template_dir: str | Path) -> list[dict]:
         {"path": "nvflare.lighter.impl.cert.CertBuilder", "args": {"root_valid_days": config.cert_valid_days}},
         {"path": "nvflare.lighter.impl.signature.SignatureBuilder"},
         {
-            "path": "ultrafedfm.flare.kit_builder.SiteKitBuilder",
+            "path": "ultrafedfm.flare.deploy.kit_builder.SiteKitBuilder",
             "args": {"template_dir": str(template_dir), "server_store_dir": config.server.store_dir},
         },
     ]

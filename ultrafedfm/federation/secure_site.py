@@ -1,4 +1,4 @@
-"""The site's side of secure aggregation in a FLARE job (no FLARE import).
+"""The site's side of secure aggregation in a job (no FLARE import).
 
 Whether a job may run at all, and with which secure-aggregation settings, is the site policy's
 decision (``ultrafedfm.privacy.admit_job``); this module runs the protocol with what it admitted.
@@ -6,7 +6,7 @@ decision (``ultrafedfm.privacy.admit_job``); this module runs the protocol with 
 :class:`SiteSecureAggregation` holds one :class:`~ultrafedfm.secagg.SecAggClient` per round
 and answers the server's phases: advertise keys, share keys, masked input (after training:
 ``weight x delta`` with weight = the site's image count), sign the survivor list, unmask. Every
-answer is a ``params`` mapping of one uint8-encoded message (``secagg_wire``); the delta itself
+answer is a ``params`` mapping of one uint8-encoded message (``federation.wire``); the delta itself
 never leaves in the clear.
 """
 from __future__ import annotations
@@ -17,17 +17,16 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ultrafedfm.flare.secagg_identity import load_site_identity
-from ultrafedfm.flare.secagg_wire import (
-    ADVERTISE_TASK, CONSISTENCY_TASK, SECAGG_KEY, SHARE_KEYS_TASK, UNMASK_TASK, message_from_params, message_to_array,
-    site_key,
-)
+from ultrafedfm.federation.tasks import ADVERTISE_TASK, CONSISTENCY_TASK, SHARE_KEYS_TASK, UNMASK_TASK
+from ultrafedfm.federation.wire import SECAGG_KEY, message_from_params, message_to_array, site_key
+from ultrafedfm.kit.identity import load_site_identity
 from ultrafedfm.secagg import SecAggClient, SecAggConfig, flatten_arrays
 from ultrafedfm.site_config import SiteConfig
 
 _logger = logging.getLogger(__name__)
 
 __all__ = ["SiteSecureAggregation"]
+
 
 class SiteSecureAggregation:
     """One site's secure-aggregation state across the rounds of a job (one per site process)."""

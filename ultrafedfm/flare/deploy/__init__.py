@@ -1,0 +1,1 @@
+"""Building and running FLARE deployments: job folders, site kits, the simulator."""

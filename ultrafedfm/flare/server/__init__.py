@@ -1,0 +1,1 @@
+"""FLARE adapters loaded by the FLARE server process."""

@@ -1,0 +1,100 @@
+"""FLARE server controller of federated MAE pretraining: the framework-free run plus FLARE's transport.
+
+``MaePretrainController`` is a ``ModelController`` whose :meth:`run` hands the job to
+:class:`ultrafedfm.federation.server.FederatedRun` with the job's aggregation strategy
+(``federation.aggregation``) and one :meth:`_exchange` function: a task out through
+``send_model_and_wait``, the sites' ``FLModel`` results back as ``SiteReply`` objects. Rounds,
+vetting, secure aggregation, checkpoints and statistics all live in ``ultrafedfm.federation``;
+this module adds what only FLARE knows: connected sites, the job id, the abort signal, the run
+folder ``nvflare job download`` returns, and the admin console's ``show_stats``.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.workflows.model_controller import ModelController
+from nvflare.widgets.info_collector import GroupInfoCollector, InfoCollector
+
+from ultrafedfm.config import from_mapping
+from ultrafedfm.federation.aggregation import make_aggregation
+from ultrafedfm.federation.exchange import ExchangeResult, SiteReply, TaskRequest
+from ultrafedfm.federation.job_spec import JobSpec
+from ultrafedfm.federation.run_state import RunState
+from ultrafedfm.federation.server import FederatedRun
+from ultrafedfm.federation.stats import RunProgress
+from ultrafedfm.kit.identity import load_server_root_ca
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["MaePretrainController"]
+
+RUN_STATE_FOLDER = "ultrafedfm_runs"
+JOB_MODELS_FOLDER = "models"
+
+
+class MaePretrainController(ModelController):
+    def __init__(self, spec: dict, task_check_period: float = 0.2):
+        """Runs the rounds of the job described by ``spec`` (a ``JobSpec`` as a mapping).
+
+        Args:
+            spec: every knob of the job; see ``ultrafedfm.federation.job_spec.JobSpec``.
+            task_check_period: how often FLARE checks whether a task is complete (s).
+        """
+        # We keep our own checkpoints (run_state) and decide ourselves what a failed site
+        # means, so: no persistor, and site errors never panic the job.
+        super().__init__(persistor_id="", ignore_result_error=True, task_check_period=task_check_period)
+        self.spec = spec
+        self._job = from_mapping(JobSpec, spec, source="job config (MaePretrainController.spec)")
+        self.progress = RunProgress.for_job(self._job)
+        self._round_errors: dict[str, str] = {}
+
+    def run(self) -> None:
+        job = self._job
+        workspace_root = Path(self.engine.get_workspace().get_root_dir())
+        state_root = Path(job.run_state_dir) if job.run_state_dir else workspace_root / RUN_STATE_FOLDER
+        run = FederatedRun(
+            job=job, state=RunState(state_root, job.effective_run_name),
+            aggregation=make_aggregation(job, root_ca=lambda: load_server_root_ca(workspace_root)),
+            exchange=self._exchange, job_id=self.fl_ctx.get_job_id(), progress=self.progress)
+        finished = run.run(connected_sites=lambda: sorted(self.sample_clients()),
+                           aborted=lambda: bool(self.abort_signal.triggered))
+        if finished:
+            job_models = Path(self.get_run_dir()) / JOB_MODELS_FOLDER  # what `nvflare job download` returns
+            job_models.mkdir(parents=True, exist_ok=True)
+            for path in run.exported:
+                shutil.copy2(path, job_models / path.name)
+
+    def _exchange(self, request: TaskRequest) -> ExchangeResult:
+        """One task to ``request.targets`` through FLARE; their results as framework-free replies."""
+        self._round_errors = {}
+        task = FLModel(params=dict(request.params), params_type=ParamsType.FULL, current_round=request.round,
+                       total_rounds=request.num_rounds, meta=dict(request.meta))
+        results = self.send_model_and_wait(task_name=request.task_name, data=task, targets=list(request.targets),
+                                           min_responses=len(request.targets), timeout=int(request.timeout_s))
+        replies = {}
+        for result in results:
+            site = result.meta.get("client_name", "?")
+            replies[site] = SiteReply(site=site, params=result.params, meta=dict(result.meta),
+                                      metrics=dict(result.metrics or {}),
+                                      is_delta=result.params_type == ParamsType.DIFF)
+        return ExchangeResult(replies=replies, errors=dict(self._round_errors))
+
+    def _accept_train_result(self, client_name: str, result: Shareable, fl_ctx: FLContext, is_unknown_task=False):
+        rc = result.get_return_code()
+        if rc and rc != ReturnCode.OK and not is_unknown_task:
+            self._round_errors[client_name] = f"the site returned {rc} (its training process failed or was killed)"
+        return super()._accept_train_result(client_name, result, fl_ctx, is_unknown_task=is_unknown_task)
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        super().handle_event(event_type, fl_ctx)
+        if event_type != InfoCollector.EVENT_TYPE_GET_STATS:
+            return
+        collector = fl_ctx.get_prop(InfoCollector.CTX_KEY_STATS_COLLECTOR, None)
+        if isinstance(collector, GroupInfoCollector):
+            collector.add_info(group_name=self._name, info=self.progress.to_info())

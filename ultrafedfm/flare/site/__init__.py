@@ -1,0 +1,1 @@
+"""FLARE adapters run by a site's FLARE client."""
