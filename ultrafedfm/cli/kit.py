@@ -50,7 +50,7 @@ def register(subparsers) -> None:
 
 
 def _init(args: argparse.Namespace) -> int:
-    from ultrafedfm.flare.provisioning import provision_consortium
+    from ultrafedfm.kit.provisioning import provision_consortium
     from ultrafedfm.kit.consortium import load_consortium
 
     config = load_consortium(args.consortium)
@@ -62,7 +62,7 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _add_site(args: argparse.Namespace) -> int:
-    from ultrafedfm.flare.provisioning import add_site_kit
+    from ultrafedfm.kit.provisioning import add_site_kit
     from ultrafedfm.kit.consortium import SiteSpec, load_consortium
 
     config = load_consortium(args.consortium)
