@@ -86,8 +86,9 @@ def run(name: str) -> tuple[bool, str]:
         tmp = Path(tmp)
         shutil.copytree(ROOT / "ultrafedfm", tmp / "ultrafedfm", ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copytree(ROOT / "tests", tmp / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(ROOT / "docs", tmp / "docs")
         shutil.copy(ROOT / "pyproject.toml", tmp / "pyproject.toml")
-        for rel, old, new in MUTANTS[name]:
+        for rel, old, new in MUTANTS.get(name, []):
             path = tmp / rel
             text = path.read_text()
             if text.count(old) != 1:
@@ -99,11 +100,20 @@ def run(name: str) -> tuple[bool, str]:
         assert where.startswith(str(tmp)), f"the mutated copy is not the one imported ({where})"
         proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *TESTS],
                               env=env, cwd=tmp, capture_output=True, text=True)
-        failed = [line for line in proc.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
-        return proc.returncode != 0, (failed[0] if failed else proc.stdout.strip().splitlines()[-1])
+        lines = proc.stdout.splitlines()
+        if proc.returncode not in (0, 1) or any(line.startswith("ERROR") for line in lines):
+            # not a test going red: the run itself broke (collection error, missing file) -- proves nothing
+            raise SystemExit(f"mutant {name}: pytest exited {proc.returncode} without a plain test failure:\n"
+                             + "\n".join(lines[-15:]))
+        failed = [line for line in lines if line.startswith("FAILED")]
+        return proc.returncode == 1, (failed[0] if failed else lines[-1])
 
 
 def main(names: list[str]) -> int:
+    passed, detail = run("unmutated")  # the baseline must be green, or every "kill" is meaningless
+    if passed:
+        raise SystemExit(f"the unmutated tests fail: {detail}")
+    print(f"baseline (no mutant): {detail}", flush=True)
     survived = 0
     for name in names or list(MUTANTS):
         killed, detail = run(name)

@@ -6,7 +6,7 @@ import stat
 
 import numpy as np
 import pytest
-from conftest import CONTEXT, SITE_NAMES, make_clients
+from secagg_helpers import CONTEXT, SITE_NAMES, make_clients
 
 from ultrafedfm.secagg import (
     ContributionLedger, ContributionRefused, IdentityError, KeyRoster, ProtocolError, RoundContext, SecAggConfig,
@@ -137,3 +137,17 @@ def test_unreadable_ledger_fails_closed(tmp_path):
 def test_fresh_training_seed_differs_between_two_runs_of_the_same_round():
     seeds = {fresh_training_seed(1234, 7, "site-1") for _ in range(8)}
     assert len(seeds) == 8 and all(0 <= s < 2**63 for s in seeds)
+
+
+def test_round_context_digest_ignores_int_or_float_spelling_but_not_values():
+    from ultrafedfm.secagg import Membership, SecAggConfig, SiteSigningKey
+
+    members = Membership.of("c", 1, {"s": SiteSigningKey.generate(site="s").public_key})
+    ctx = RoundContext(model_sha256="ab" * 32, lr=1e-4, training={"local_steps": 2, "img_size": 32})
+    digest = ctx.digest(config=SecAggConfig(max_weight=1000), membership_digest=members.digest)
+    same = RoundContext(model_sha256="ab" * 32, lr=1e-4, training={"img_size": 32.0, "local_steps": 2})
+    assert same.digest(config=SecAggConfig(max_weight=1000.0), membership_digest=members.digest) == digest
+    other = RoundContext(model_sha256="ab" * 32, lr=1e-4, training={"img_size": 32, "local_steps": 3})
+    assert other.digest(config=SecAggConfig(max_weight=1000), membership_digest=members.digest) != digest
+    assert ctx.digest(config=SecAggConfig(max_weight=999), membership_digest=members.digest) != digest
+    assert RoundContext.from_mapping(ctx.to_mapping()) == ctx

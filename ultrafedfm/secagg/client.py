@@ -54,7 +54,7 @@ from ultrafedfm.secagg.signing import SiteSigningKey
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["SecAggClient", "share_associated_data", "verify_roster"]
+__all__ = ["SecAggClient", "share_associated_data", "verify_advertisement", "verify_roster"]
 
 _SEED_BYTES = 32
 _RAW = serialization.Encoding.Raw
@@ -118,6 +118,9 @@ class SecAggClient:
         if isinstance(min_sites, bool) or not isinstance(min_sites, int) or min_sites < 2:
             raise ValueError(f"site '{signer.site}': min_sites={min_sites!r}; the site floor must be an integer >= 2 "
                              "(privacy.min_sites in site.yaml)")
+        if signer.site not in members.names:
+            raise IdentityError(f"site '{signer.site}' is not in the member list of '{members.consortium}' (version "
+                                f"{members.version}); run `ultrafedfm kit enroll` and have the project admin enrol it")
         if members.key_of(signer.site) != signer.public_key:
             raise IdentityError(
                 f"site '{signer.site}': its signing key ({signer.fingerprint[:16]}...) is not the key the member list "

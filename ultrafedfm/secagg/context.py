@@ -42,9 +42,22 @@ def model_digest(arrays: Mapping[str, Any]) -> str:
     return digest.hexdigest()
 
 
+def _numbers_as_floats(value: Any) -> Any:
+    # 2 and 2.0 mean the same setting; a serialiser that turns one into the other must not split sites.
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, Mapping):
+        return {str(k): _numbers_as_floats(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_numbers_as_floats(v) for v in value]
+    return value
+
+
 def _canonical(value: Any, *, what: str) -> bytes:
     try:
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+        return json.dumps(_numbers_as_floats(value), sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"{what} must be plain JSON (numbers, strings, lists, mappings) to be signed: {exc}") \
             from exc
