@@ -385,3 +385,15 @@ def test_site_refuses_to_send_its_input_when_too_few_sites_shared_keys(open_roun
         roster_signatures={"site-2": delivery.roster_signatures["site-2"]})
     with pytest.raises(RoundAborted, match="only 2 sites completed key sharing; 3 needed; site 'site-1' does not send"):
         r.mask("site-1", np.zeros(8))
+
+
+def test_a_site_whose_key_is_not_the_enrolled_one_cannot_start_a_round(consortium):
+    from ultrafedfm.secagg import ContributionLedger, SecAggClient
+
+    regenerated = SiteSigningKey.generate(site="site-1")
+    with pytest.raises(IdentityError, match="site 'site-1': its signing key .* is not the key the member list"):
+        SecAggClient(signer=regenerated, members=consortium.members(3), job_id="job-A", round_number=4,
+                     config=SecAggConfig(), context=CONTEXT, ledger=ContributionLedger.in_memory())
+    with pytest.raises(IdentityError, match="site 'site-9' is not in the member list of 'test-consortium'"):
+        SecAggClient(signer=SiteSigningKey.generate(site="site-9"), members=consortium.members(3), job_id="job-A",
+                     round_number=4, config=SecAggConfig(), context=CONTEXT, ledger=ContributionLedger.in_memory())

@@ -50,7 +50,7 @@ from ultrafedfm.secagg.messages import (
 from ultrafedfm.secagg.params import SecAggConfig
 from ultrafedfm.secagg.quantize import StochasticEncoder, ring_dtype
 from ultrafedfm.secagg.shamir import SHARE_BYTES, Share, split_secret
-from ultrafedfm.secagg.signing import SiteSigningKey
+from ultrafedfm.secagg.signing import SiteSigningKey, key_fingerprint
 
 _logger = logging.getLogger(__name__)
 
@@ -121,10 +121,11 @@ class SecAggClient:
         if signer.site not in members.names:
             raise IdentityError(f"site '{signer.site}' is not in the member list of '{members.consortium}' (version "
                                 f"{members.version}); run `ultrafedfm kit enroll` and have the project admin enrol it")
-        if members.key_of(signer.site) != signer.public_key:
+        enrolled = members.key_of(signer.site)
+        if enrolled != signer.public_key:
             raise IdentityError(
                 f"site '{signer.site}': its signing key ({signer.fingerprint[:16]}...) is not the key the member list "
-                f"(version {members.version}) enrols for it ({members.members[members.names.index(signer.site)].fingerprint[:16]}...); "
+                f"(version {members.version}) enrols for it ({key_fingerprint(enrolled)[:16]}...); "
                 "run `ultrafedfm kit enroll` and have the project admin enrol this key")
         self.signer = signer
         self.site = signer.site
