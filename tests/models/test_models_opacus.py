@@ -56,3 +56,28 @@ def test_token_modules_are_deterministic_and_buffer_free(module_name):
     assert list(module.buffers()) == []
     x = torch.rand(2, 5, module.token.shape[-1])
     assert torch.equal(module(x), module(x))
+
+
+def test_per_image_losses_are_each_images_own_masked_error_and_average_to_the_batch_loss():
+    torch.manual_seed(0)
+    mae = build_mae("tiny", degradations=DegradationConfig())
+    imgs = torch.rand(4, 1, 32, 32)
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        per_image, pred, mask = mae(imgs, reduction="none")
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        batch_loss, _, _ = mae(imgs)
+    assert per_image.shape == (4,)
+    torch.testing.assert_close(per_image.mean(), batch_loss)
+    for i in range(4):  # image i alone, scored on its own masked patches
+        own = mae.forward_loss(imgs[i:i + 1], pred[i:i + 1], mask[i:i + 1])
+        torch.testing.assert_close(per_image[i], own)
+    with pytest.raises(ValueError, match="reduction"):
+        mae.forward_loss(imgs, pred, mask, reduction="sum")
+
+
+def test_an_empty_batch_gives_no_losses_and_no_error():
+    mae = build_mae("tiny", degradations=DegradationConfig()).train()
+    per_image, pred, mask = mae(torch.zeros(0, 1, 32, 32), reduction="none")
+    assert per_image.shape == (0,) and pred.shape[0] == 0 and mask.shape[0] == 0

@@ -242,7 +242,7 @@ class MaskedAutoencoder(nn.Module):
         if reduction not in ("mean", "none"):
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         target = self.patchify(target).float()
-        if self.norm_pix_loss:
+        if self.norm_pix_loss and target.shape[0] > 0:  # an empty (DP Poisson) batch has nothing to normalise
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1.0e-6) ** 0.5
@@ -261,7 +261,8 @@ class MaskedAutoencoder(nn.Module):
         """
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
         encoder_input = imgs
-        if self.training and self.degradations is not None and self.degradations.active:
+        # An empty batch (DP-SGD's Poisson sampling) has nothing to degrade; the blur kernels need >= 1 image.
+        if self.training and self.degradations is not None and self.degradations.active and imgs.shape[0] > 0:
             encoder_input = apply_degradations(imgs, self.degradations)
         latent, mask, ids_restore = self.forward_encoder(encoder_input, ratio)
         pred = self.forward_decoder(latent, ids_restore)

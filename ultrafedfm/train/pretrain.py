@@ -442,10 +442,12 @@ def _loop(training: _Training, *, sampler: _EpochSampler, plan: _Plan, done: _Pr
 
 
 def _checked_batch(imgs, *, img_size: int, preset: str) -> torch.Tensor:
-    if isinstance(imgs, (list, tuple)) and not imgs:  # Opacus' empty first batch comes as an empty list
+    # An empty Poisson batch before any non-empty one comes from Opacus as a list of empty tensors
+    # shaped after the dataset's first item; give it the model's shape.
+    if isinstance(imgs, (list, tuple)) and all(isinstance(t, torch.Tensor) and t.shape[0] == 0 for t in imgs):
         return torch.zeros(0, 1, img_size, img_size)
     if imgs.shape[1:] != (1, img_size, img_size):
-        if imgs.shape[0] == 0:  # an empty Poisson batch shaped after the dataset's first item
+        if imgs.shape[0] == 0:
             return torch.zeros(0, 1, img_size, img_size)
         raise ValueError(f"the dataset yields images of shape {tuple(imgs.shape[1:])}; the {preset} model needs "
                          f"(1, {img_size}, {img_size}): build the cache at that size or set pretrain.img_size")

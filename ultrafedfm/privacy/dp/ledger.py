@@ -148,11 +148,15 @@ class Ledger:
         deltas = [e.delta for e in self.charges()]
         return min(deltas) if deltas else None
 
-    def spent(self, job_id: str | None = None, *, accountant: Accountant = "prv") -> Spent:
-        """Epsilon spent by one job run (at its delta) or by the site's lifetime (at :meth:`lifetime_delta`)."""
+    def spent(self, job_id: str | None = None, *, accountant: Accountant | None = None) -> Spent:
+        """Epsilon spent by one job run (at its delta) or by the site's lifetime (at :meth:`lifetime_delta`).
+
+        ``accountant``: default, the one the latest charge in scope used.
+        """
         charges = self.charges(job_id)
         if not charges:
-            return Spent(epsilon=0.0, delta=None, accountant=accountant, charges=0)
+            return Spent(epsilon=0.0, delta=None, accountant=accountant or "prv", charges=0)
+        accountant = accountant or charges[-1].accountant
         delta = charges[-1].delta if job_id is not None else self.lifetime_delta()
         epsilon, used = compute_epsilon([e.mechanism for e in charges], delta, accountant)
         return Spent(epsilon=epsilon, delta=delta, accountant=used, charges=len(charges))
@@ -202,7 +206,7 @@ class PrivacyLedger:
         """The ledger as it is on disk now."""
         return read_ledger(self.path, site_name=self.site_name)
 
-    def spent(self, job_id: str | None = None, *, accountant: Accountant = "prv") -> Spent:
+    def spent(self, job_id: str | None = None, *, accountant: Accountant | None = None) -> Spent:
         """See :meth:`Ledger.spent`."""
         return self.read().spent(job_id, accountant=accountant)
 
@@ -225,7 +229,11 @@ class PrivacyLedger:
             job_history = ledger.history(job_id) + [new]
             epsilon_job, used = compute_epsilon(job_history, plan.delta, plan.accountant)
             lifetime_delta = min(plan.delta, ledger.lifetime_delta() or plan.delta)
-            epsilon_life, used_life = compute_epsilon(ledger.history() + [new], lifetime_delta, plan.accountant)
+            life_history = ledger.history() + [new]
+            if life_history == job_history and lifetime_delta == plan.delta:  # the site's only job so far
+                epsilon_life, used_life = epsilon_job, used
+            else:
+                epsilon_life, used_life = compute_epsilon(life_history, lifetime_delta, plan.accountant)
             accountant = used if used == used_life else "rdp"
             base = dict(job_id=job_id, job=plan.job, round=round_index, noise_multiplier=new.noise_multiplier,
                         sample_rate=new.sample_rate, steps=new.steps, delta=plan.delta,
