@@ -194,3 +194,18 @@ def test_only_flare_imports_nvflare_and_the_kit_builder_does_not_import_torch():
              "ultrafedfm.flare.registry; print(sorted(m for m in ('torch', 'timm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_site_figures_are_appended_and_read_back_skipping_a_torn_line(tmp_path):
+    from ultrafedfm.federation.site_figures import (
+        SiteRoundFigures, append_site_figures, read_site_figures, site_figures_path,
+    )
+
+    path = site_figures_path(tmp_path / "cache")
+    first = SiteRoundFigures(job="j", job_id="id", round=0, loss=0.5, num_samples=10, steps=2, train_seconds=1.0,
+                             masked=True)
+    append_site_figures(path, first)
+    with path.open("a") as f:
+        f.write('{"job": "j", "rou')  # a crash mid-append
+    assert read_site_figures(path) == [first]
+    assert read_site_figures(tmp_path / "none.jsonl") == []
