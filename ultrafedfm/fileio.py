@@ -76,12 +76,18 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
 def append_line(path: str | Path, line: str, *, durable: bool = True) -> None:
     """Append one line (``\\n`` added) to ``path``; with ``durable``, fsync before returning.
 
-    A crash can leave at most a torn last line, which readers of append-only logs must skip.
+    A crash can leave at most a torn last line, which readers of append-only logs must skip; the
+    next append starts on a fresh line, so a torn line never swallows the record after it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as f:
-        f.write(line.rstrip("\n") + "\n")
+    with path.open("a+b") as f:
+        data = line.rstrip("\n").encode("utf-8") + b"\n"
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                data = b"\n" + data
+        f.write(data)
         if durable:
             f.flush()
             os.fsync(f.fileno())

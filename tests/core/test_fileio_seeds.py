@@ -57,3 +57,10 @@ def test_mix_seed_is_stable_and_separates_parts():
     assert 0 <= mix_seed(3, bits=31) < 2**31
     with pytest.raises(TypeError):
         mix_seed(1.5)
+
+
+def test_append_line_after_a_torn_line_starts_a_fresh_line(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"a": 1}\n{"b": ')  # a crash mid-append
+    append_line(log, '{"c": 3}')
+    assert log.read_text().splitlines() == ['{"a": 1}', '{"b": ', '{"c": 3}']

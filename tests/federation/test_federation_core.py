@@ -207,5 +207,8 @@ def test_site_figures_are_appended_and_read_back_skipping_a_torn_line(tmp_path):
     append_site_figures(path, first)
     with path.open("a") as f:
         f.write('{"job": "j", "rou')  # a crash mid-append
-    assert read_site_figures(path) == [first]
+    second = SiteRoundFigures(job="j", job_id="id", round=1, loss=0.4, num_samples=10, steps=2, train_seconds=1.0,
+                              masked=True, epsilon=1.5)
+    append_site_figures(path, second)
+    assert read_site_figures(path) == [first, second]
     assert read_site_figures(tmp_path / "none.jsonl") == []
