@@ -51,6 +51,9 @@ class PrivacyPolicy:
         lifetime_epsilon: the most epsilon all jobs together may spend (``None``: no lifetime cap).
         max_delta: the largest delta a job may use (``None``: the DP default of at most 1/(10 N)).
         min_noise_multiplier: the smallest DP-SGD noise multiplier a job may use.
+        min_sites: the fewest sites this site accepts in a secure-aggregation roster, key-sharing
+            set and survivor set, whatever the job says (at least 3: with two sites, each learns
+            the other's update from the sum; DESIGN.md's threat model).
     """
 
     require_secure_aggregation: bool = True
@@ -59,12 +62,15 @@ class PrivacyPolicy:
     lifetime_epsilon: float | None = None
     max_delta: float | None = None
     min_noise_multiplier: float = 0.0
+    min_sites: int = 3
 
     def __post_init__(self) -> None:
         check(self.max_epsilon is None or self.max_epsilon > 0, "max_epsilon", "must be > 0 (or null)")
         check(self.lifetime_epsilon is None or self.lifetime_epsilon > 0, "lifetime_epsilon", "must be > 0 (or null)")
         check(self.max_delta is None or 0 < self.max_delta < 1, "max_delta", "must be in (0, 1) (or null)")
         check(self.min_noise_multiplier >= 0, "min_noise_multiplier", "must be >= 0")
+        check(not isinstance(self.min_sites, bool) and isinstance(self.min_sites, int) and self.min_sites >= 3,
+              "min_sites", "must be an integer >= 3 (with two sites each learns the other's update from the sum)")
 
 
 class PolicyRefusal(RuntimeError):
@@ -101,10 +107,15 @@ class JobRequest:
 
 @dataclass(frozen=True)
 class Admission:
-    """What the site agreed to run: the secure-aggregation and DP settings it checked (``None``: off)."""
+    """What the site agreed to run: the secure-aggregation and DP settings it checked (``None``: off).
+
+    ``min_sites`` is the floor the site holds every secure-aggregation roster, key-sharing set and
+    survivor set to: the larger of its policy's ``privacy.min_sites`` and the job's ``min_sites``.
+    """
 
     secagg: Any = None  # SecAggConfig; typed loosely to keep this module light to import
     dp: Any = None  # DPConfig with enabled=True, or None
+    min_sites: int = 3
 
 
 # Settings of SecAggConfig whose weaker value would expose a site; a job may not turn them down.
@@ -131,9 +142,11 @@ def admit_job(policy: PrivacyPolicy, request: JobRequest, *, site_name: str) -> 
     if dp is not None:
         _check_dp_floor(policy, dp, refuse)
     secagg = None
+    min_sites = policy.min_sites
     if request.secure_aggregation:
         secagg = _secagg_config(request.secagg, site_name=site_name, job=request.job)
-    return Admission(secagg=secagg, dp=dp)
+        min_sites = max(min_sites, secagg.min_sites)
+    return Admission(secagg=secagg, dp=dp, min_sites=min_sites)
 
 
 def _dp_config(request: JobRequest, *, site_name: str):
