@@ -74,7 +74,6 @@ def test_paper_job_spec_matches_the_paper_setup():
         ({"secure_aggregation": True, "min_sites": 1}, "min_sites"),
         ({"secure_aggregation": True, "secagg_max_sites": 1}, "secagg_max_sites"),
         ({"secure_aggregation": True, "secagg_max_weight": 0.0}, "secagg_max_weight"),
-        ({"differential_privacy": True}, "differential_privacy"),
         ({"mask_ratio": 1.0}, "mask_ratio"),
     ],
 )
@@ -114,3 +113,15 @@ def test_the_site_template_loads_as_a_site_config():
     config = load_site_config(template)
     assert config.privacy.require_secure_aggregation is True
     assert config.resources is not None and config.resources.min_free_disk_gb == 20
+
+
+def test_job_spec_dp_settings_are_validated_naming_the_dp_key():
+    from ultrafedfm.config import from_mapping, to_mapping
+
+    with pytest.raises(ConfigError, match=r"dp\.noise_multiplier"):
+        from_mapping(JobSpec, {"name": "x", "dp": {"enabled": True}})
+    with pytest.raises(ConfigError, match=r"dp\.max_grad_norm"):
+        from_mapping(JobSpec, {"name": "x", "dp": {"enabled": True, "target_epsilon": 4.0, "max_grad_norm": 0}})
+    spec = from_mapping(JobSpec, {"name": "x", "dp": {"enabled": True, "target_epsilon": 4.0}})
+    assert spec.dp.enabled and spec.training_contract().dp == spec.dp
+    assert from_mapping(JobSpec, to_mapping(spec)) == spec

@@ -22,7 +22,7 @@ from ultrafedfm.site_config import IdentityFiles, SiteConfig, load_site_config
 
 def _request(spec=JOB_SPECS["mae_pretrain_tiny"], **changes) -> JobRequest:
     fields = dict(job=spec.name, secure_aggregation=spec.secure_aggregation,
-                  differential_privacy=spec.differential_privacy, secagg=to_mapping(spec.secagg_config()), dp=None)
+                  differential_privacy=spec.dp.enabled, secagg=to_mapping(spec.secagg_config()), dp=None)
     fields.update(changes)
     return JobRequest(**fields)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 from ultrafedfm.config import check, from_mapping, to_mapping
+from ultrafedfm.privacy.dp.config import DPConfig
 
 if TYPE_CHECKING:  # torch-free at import: the kit tools read job specs too
     from ultrafedfm.models.mae import MaskedAutoencoder
@@ -34,8 +35,9 @@ class TrainingContract:
         local_epochs / local_steps: work per round at each site (exactly one of them is set).
         batch_size, base_lr, weight_decay: AdamW as the MAE recipe (the server sends each round's lr).
         seed: the initial global model (every site can rebuild it) and the base of the data order.
+        num_rounds: the job's rounds (a site plans its DP budget over them).
         secure_aggregation: the site's update leaves only masked (``ultrafedfm.secagg``).
-        differential_privacy: the site trains with DP-SGD.
+        dp: DP-SGD settings (``ultrafedfm.privacy.dp.DPConfig``; ``enabled: false``: off).
     """
 
     job: str
@@ -50,13 +52,15 @@ class TrainingContract:
     base_lr: float
     weight_decay: float
     seed: int
+    num_rounds: int
     secure_aggregation: bool
-    differential_privacy: bool = False
+    dp: DPConfig = DPConfig()
 
     def __post_init__(self) -> None:
         check((self.local_epochs is None) != (self.local_steps is None), "local_epochs",
               "set exactly one of local_epochs and local_steps")
         check(self.batch_size >= 1, "batch_size", "must be at least 1")
+        check(self.num_rounds >= 1, "num_rounds", "must be at least 1")
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> "TrainingContract":
@@ -95,4 +99,5 @@ class TrainingContract:
         from ultrafedfm.privacy.policy import JobRequest
 
         return JobRequest(job=self.job, secure_aggregation=self.secure_aggregation,
-                          differential_privacy=self.differential_privacy, secagg=secagg)
+                          differential_privacy=self.dp.enabled, secagg=secagg,
+                          dp=to_mapping(self.dp) if self.dp.enabled else None)

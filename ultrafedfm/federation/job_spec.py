@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Literal
 
 from ultrafedfm.config import check
 from ultrafedfm.federation.contract import TrainingContract
+from ultrafedfm.privacy.dp.config import DPConfig
 
 if TYPE_CHECKING:
     from ultrafedfm.secagg.params import SecAggConfig
@@ -50,8 +51,11 @@ class JobSpec:
             mean delta is exact to about ``n * 2^-f * secagg_max_weight / total images``.
         secagg_max_sites: the largest round the ring-overflow bound is checked for.
         secagg_phase_timeout_s: how long each key-exchange / consistency / unmask phase waits.
-    Reserved (must stay false until its feature lands):
-        differential_privacy: DP-SGD at each site.
+    Differential privacy (docs/differential-privacy.md; off by default):
+        dp: DP-SGD at every site (``ultrafedfm.privacy.dp.DPConfig``): a noise multiplier or a
+            target epsilon for the whole job (each site computes its noise from its own image
+            count), the per-image clipping norm, delta and the accountant. Each site's own policy
+            decides whether it accepts them, and its ledger charges every round.
     """
 
     name: str
@@ -80,7 +84,7 @@ class JobSpec:
     secagg_max_weight: float = 100_000.0
     secagg_max_sites: int = 32
     secagg_phase_timeout_s: int = 60
-    differential_privacy: bool = False
+    dp: DPConfig = DPConfig()
 
     def __post_init__(self) -> None:
         check(self.name.replace("_", "").replace("-", "").isalnum(), "name", "letters, digits, '-' and '_' only")
@@ -105,7 +109,6 @@ class JobSpec:
         if self.secure_aggregation:
             check(self.min_sites >= 2, "min_sites", "secure aggregation needs at least 2 sites per round (3 recommended)")
             self.secagg_config()  # validates max_weight / max_sites against the ring bound, naming the key
-        check(not self.differential_privacy, "differential_privacy", "reserved: DP-SGD is not wired yet")
 
     @property
     def effective_run_name(self) -> str:
@@ -130,8 +133,8 @@ class JobSpec:
             job=self.name, preset=self.preset, img_size=self.img_size, mask_ratio=self.mask_ratio,
             norm_pix_loss=self.norm_pix_loss, degradations=self.degradations, local_epochs=self.local_epochs,
             local_steps=self.local_steps, batch_size=self.batch_size, base_lr=self.base_lr,
-            weight_decay=self.weight_decay, seed=self.seed, secure_aggregation=self.secure_aggregation,
-            differential_privacy=self.differential_privacy,
+            weight_decay=self.weight_decay, seed=self.seed, num_rounds=self.num_rounds,
+            secure_aggregation=self.secure_aggregation, dp=self.dp,
         )
 
     def learning_rate(self, round_index: int) -> float:

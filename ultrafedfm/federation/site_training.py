@@ -2,7 +2,10 @@
 
 A site process keeps one :class:`SiteTrainer` for a job (its dataset and model across
 rounds); :meth:`SiteTrainer.train_round` trains from the global weights under the job's
-:class:`~ultrafedfm.federation.contract.TrainingContract`. What leaves the site is built from
+:class:`~ultrafedfm.federation.contract.TrainingContract`. When the contract turns DP-SGD on,
+the round is planned and charged by the site's own ``ultrafedfm.privacy.dp.SiteDP`` (its ledger
+on the site's disk) before any step, and trained through its Opacus privatizer; a round that would
+pass the site's cap raises ``BudgetExhausted`` and does not train. What leaves the site is built from
 the :class:`SiteUpdate` elsewhere (``federation.site_session``) -- never pixels, manifests or file
 names.
 """
@@ -17,6 +20,7 @@ import torch
 
 from ultrafedfm.federation.contract import TrainingContract
 from ultrafedfm.federation.model_io import load_params
+from ultrafedfm.privacy.dp import DPPlan, RoundPrivacy, SiteDP, site_ledger_path
 from ultrafedfm.seeds import mix_seed
 from ultrafedfm.site_config import SiteConfig
 
@@ -39,6 +43,7 @@ class SiteUpdate:
     steps: int
     loss: float
     train_seconds: float
+    privacy: RoundPrivacy | None = None  # the site's own DP figures after this round (DP off: None)
 
 
 class SiteTrainer:
@@ -50,6 +55,8 @@ class SiteTrainer:
         self._datasets: dict[int, Any] = {}
         self._model: torch.nn.Module | None = None
         self._contract: TrainingContract | None = None
+        self._site_dp: SiteDP | None = None
+        self._dp_plans: dict[tuple[TrainingContract, int], DPPlan] = {}
         if site_config.num_threads:
             torch.set_num_threads(site_config.num_threads)
 
@@ -83,34 +90,67 @@ class SiteTrainer:
         return self._model
 
     def train_round(
-        self, *, global_params: Mapping[str, Any], contract: TrainingContract, lr: float, round_index: int
+        self, *, global_params: Mapping[str, Any], contract: TrainingContract, lr: float, round_index: int,
+        job_id: str = "local", generator_seed: int | None = None,
     ) -> SiteUpdate:
-        """Train from ``global_params`` for the contract's local epochs/steps at rate ``lr``."""
-        from ultrafedfm.train.pretrain import train_local
+        """Train from ``global_params`` for the contract's local epochs/steps at rate ``lr``.
 
-        if contract.differential_privacy:
-            raise RuntimeError("the job asks for DP-SGD, which this version does not implement")
+        Args:
+            job_id: the transport's id of this job run (the DP ledger charges rounds per job run).
+            generator_seed: data order, masking and degradations (default: a function of the
+                contract's seed, the round and the site, :func:`local_generator_seed`).
+        """
         model = self.model(contract)
         load_params(model, global_params)
         start = {k: v.detach().clone() for k, v in model.state_dict().items()}
         dataset = self.dataset(contract.img_size)
-        result = train_local(
-            model=model,
-            dataset=dataset,
-            config=contract.pretrain_config(num_workers=self.config.num_workers),
-            epochs=contract.local_epochs,
-            steps=contract.local_steps,
-            lr=lr,
-            device=self._device(),
-            checkpoint_dir=None,
-            resume=False,
-            generator_seed=local_generator_seed(contract.seed, round_index, self.site_name),
-            progress=False,
-        )
+        dp_round = None
+        if contract.dp.enabled:  # charged before any step: a round past the site's cap never trains
+            dp_round = self.site_dp().begin_round(self._dp_plan(contract, len(dataset)), job_id=job_id,
+                                                  round_index=round_index)
+        try:
+            result = self._train(model, dataset, contract, lr=lr, round_index=round_index,
+                                 generator_seed=generator_seed, privatize=dp_round.privatize if dp_round else None)
+            privacy = dp_round.finish() if dp_round else None
+        finally:
+            if dp_round is not None:
+                dp_round.close()  # releases the model from Opacus, also when training failed
         model.to("cpu")
         delta = {k: v.detach() - start[k] for k, v in model.state_dict().items()}
+        if privacy is not None:
+            _logger.info("%s: round %d: DP-SGD spent epsilon %.3f for this job (delta %.2g; lifetime %.3f), noise %.3f",
+                         self.site_name, round_index + 1, privacy.epsilon_job, privacy.delta,
+                         privacy.epsilon_lifetime, privacy.noise_multiplier)
         return SiteUpdate(delta=delta, num_samples=len(dataset), steps=int(result.steps),
-                          loss=float(result.mean_loss), train_seconds=float(result.seconds))
+                          loss=float(result.mean_loss), train_seconds=float(result.seconds), privacy=privacy)
+
+    def _train(self, model, dataset, contract: TrainingContract, *, lr: float, round_index: int,
+               generator_seed: int | None, privatize):
+        from ultrafedfm.train.pretrain import train_local
+
+        if generator_seed is None:
+            generator_seed = local_generator_seed(contract.seed, round_index, self.site_name)
+        return train_local(
+            model=model, dataset=dataset, config=contract.pretrain_config(num_workers=self.config.num_workers),
+            epochs=contract.local_epochs, steps=contract.local_steps, lr=lr, device=self._device(),
+            checkpoint_dir=None, resume=False, privatize=privatize, generator_seed=generator_seed, progress=False,
+        )
+
+    def site_dp(self) -> SiteDP:
+        """The site's DP-SGD state: its policy and its ledger (beside its cache), for its whole life."""
+        if self._site_dp is None:
+            self._site_dp = SiteDP(site_name=self.site_name, policy=self.config.privacy,
+                                   ledger_path=site_ledger_path(self.config.cache))
+        return self._site_dp
+
+    def _dp_plan(self, contract: TrainingContract, num_images: int) -> DPPlan:
+        """The job's DP at this site, planned once per contract (may refuse, naming the policy key)."""
+        key = (contract, num_images)
+        if key not in self._dp_plans:
+            self._dp_plans[key] = self.site_dp().plan(
+                contract.dp, job=contract.job, num_images=num_images, batch_size=contract.batch_size,
+                rounds=contract.num_rounds, local_epochs=contract.local_epochs, local_steps=contract.local_steps)
+        return self._dp_plans[key]
 
     def _device(self) -> str:
         if self.config.device == "auto":
