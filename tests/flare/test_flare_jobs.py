@@ -11,9 +11,11 @@ from ultrafedfm.federation.job_spec import JOB_SPECS
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
 
-def test_committed_jobs_do_not_drift():
+def test_every_committed_job_folder_is_exactly_its_specs_export_and_every_spec_is_committed():
     drift = check_committed_jobs(JOBS)
-    assert set(drift) == {"mae_pretrain", "mae_pretrain_tiny"}
+    committed = {p.name for p in JOBS.iterdir() if p.is_dir()}
+    assert set(drift) == set(JOB_SPECS) == committed
+    assert {"mae_pretrain", "mae_pretrain_tiny", "mae_pretrain_dp", "mae_pretrain_tiny_dp"} <= committed
     assert drift == {name: [] for name in drift}, "run `ultrafedfm jobs export` and commit jobs/"
 
 
