@@ -48,7 +48,7 @@ def _ingest_one(tmp_path: Path, source_file: Path, config: IngestConfig) -> tupl
     src.mkdir()
     shutil.copy(source_file, src / "file")
     summary = ingest_dicom_folder(source=src, cache=tmp_path / "cache", config=config, workers=1, progress=False)
-    assert summary.rejected == {}, (tmp_path / "cache" / "ingest_report.csv").read_text()
+    assert summary.rejected == {}, summary.report_path.read_text()
     entries = [json.loads(line) for line in (tmp_path / "cache" / "manifest.jsonl").read_text().splitlines()]
     images = [np.asarray(Image.open(tmp_path / "cache" / e["image"])) for e in entries]
     return entries, images

@@ -61,7 +61,7 @@ def cached_image(tmp_path: Path, path: Path) -> np.ndarray:
     """The file through the whole ingest (no crop, no overlay suppression), as the cache holds it."""
     config = IngestConfig(image_size=COLUMNS, crop="none", suppress_overlays=False)
     summary = ingest_dicom_folder(source=path.parent, cache=tmp_path / "cache", config=config, workers=1, progress=False)
-    assert summary.rejected == {}, (tmp_path / "cache" / "ingest_report.csv").read_text()
+    assert summary.rejected == {}, summary.report_path.read_text()
     (entry,) = [json.loads(line) for line in (tmp_path / "cache" / "manifest.jsonl").read_text().splitlines()]
     return np.asarray(Image.open(tmp_path / "cache" / entry["image"]))
 

@@ -16,7 +16,7 @@ from pydicom.uid import generate_uid
 
 from ultrafedfm.config import ConfigError, load_config
 from ultrafedfm.data import ingest as ingest_module
-from ultrafedfm.data.cache import open_cache
+from ultrafedfm.data.cache import local_report_dir, open_cache, salted_key
 from ultrafedfm.data.ingest import ingest_dicom_folder
 from ultrafedfm.data.ingest_config import IngestConfig
 
@@ -31,7 +31,8 @@ def _testfile(name: str) -> Path:
 
 
 def _report(cache: Path) -> dict[str, tuple[str, str]]:
-    with open(cache / "ingest_report.csv", newline="", encoding="utf-8") as f:
+    """The path-bearing report for the site's IT: beside the cache, never in it."""
+    with open(local_report_dir(cache) / "ingest_report.csv", newline="", encoding="utf-8") as f:
         return {row["path"]: (row["reason"], row["detail"]) for row in csv.DictReader(f)}
 
 
@@ -195,7 +196,8 @@ def test_no_phi_in_cache_or_logs(tmp_path):
         uid = generate_uid()
         uids.append(uid)
         _us_copy(src / f"img{i}", name=name, SOPInstanceUID=uid, StudyInstanceUID=generate_uid(), **PHI)
-    _us_copy(src / "ct", name="CT_small.dcm", **PHI)  # rejected files must not leak either
+    # Rejected files must not leak either, not even through a folder named after the patient.
+    _us_copy(src / "Zyxwvutson_Quintessa" / "ct", name="CT_small.dcm", **PHI)
     cache = tmp_path / "cache"
     run = subprocess.run(
         [sys.executable, "-m", "ultrafedfm.cli", "-v", "ingest", "--source", str(src), "--cache", str(cache),
@@ -214,6 +216,32 @@ def test_no_phi_in_cache_or_logs(tmp_path):
             assert secret.encode() not in content, f"{secret!r} found in {path.relative_to(cache)}"
     for secret in secrets:
         assert secret not in logs
+    # IT still finds the file: the LOCAL report beside the cache names it.
+    assert _report(cache) == {"Zyxwvutson_Quintessa/ct": ("not_ultrasound", "Modality (0008,0060) is CT")}
+
+
+def test_cache_keeps_keyed_hashes_and_counts_the_local_report_keeps_paths(tmp_path, mixed_folder):
+    cache = tmp_path / "cache"
+    summary = ingest_dicom_folder(source=mixed_folder, cache=cache, config=CONFIG, workers=1, progress=False)
+    local = local_report_dir(cache)
+    assert summary.report_path == local / "ingest_report.csv" and not summary.report_path.is_relative_to(cache)
+    assert (local / "report.key").stat().st_mode & 0o777 == 0o600
+    assert "LOCAL" in (local / "README.txt").read_text()
+    with open(cache / "ingest_report.csv", newline="", encoding="utf-8") as f:
+        in_cache = list(csv.DictReader(f))
+    with open(summary.report_path, newline="", encoding="utf-8") as f:
+        by_key = {row["file_key"]: row for row in csv.DictReader(f)}
+    assert set(in_cache[0]) == {"file_key", "reason"}  # no path, no detail
+    assert {row["file_key"]: row["reason"] for row in in_cache} == {k: r["reason"] for k, r in by_key.items()}
+    assert {r["path"] for r in by_key.values()} == set(_report(cache))
+    counts = json.loads((cache / "ingest_summary.json").read_text())
+    assert counts["rejected"] == summary.rejected and counts["added"] == 3 and counts["files_seen"] == 8
+    # The keys are stable across runs (IT can follow a file) and are not the cache's own salted keys.
+    ingest_dicom_folder(source=mixed_folder, cache=cache, config=CONFIG, workers=1, progress=False)
+    with open(cache / "ingest_report.csv", newline="", encoding="utf-8") as f:
+        assert {row["file_key"] for row in csv.DictReader(f)} == set(by_key)
+    salt = bytes.fromhex((cache / "salt.key").read_text().strip())
+    assert salted_key(salt, "source-file", "bad/ct.dcm") not in by_key
 
 
 def test_salt_is_private(tmp_path):

@@ -25,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="turn a DICOM folder (or an image folder with labels.csv) into a site-local cache",
         description="Walk a folder of DICOM files, keep ultrasound, decode, crop, suppress overlays, resize and "
         "write a PHI-free cache of PNGs plus a manifest. Re-running adds only new files. Files not used are "
-        "listed with a reason in CACHE/ingest_report.csv.",
+        "listed with their paths and a reason in CACHE.LOCAL/ingest_report.csv, beside the cache (paths can name "
+        "patients: that folder stays at the site); the cache keeps only counts by reason and keyed hashes.",
     )
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--source", type=Path, help="folder of DICOM files (nested, any names)")

@@ -7,11 +7,18 @@ Layout of a cache folder::
     manifest.jsonl      one JSON object per image (see CacheEntry)
     images/ab/<key>.png square uint8 images, ``image_size`` px
     masks/ab/<key>.png  lesion masks (image-folder ingest only), same geometry
-    ingest_report.csv   files of the last run that were not used, with a reason
+    ingest_report.csv   files of the last run that were not used: a keyed hash and a reason each
+    ingest_summary.json counts of the last run (files seen, added, images, not used by reason)
 
 Keys are HMAC-SHA256(salt, SOP Instance UID + frame number): stable across re-runs of one
 cache (so re-ingesting adds only new files) but unlinkable to the UID without the salt, which
 never leaves the site. Nothing else from a DICOM header is stored.
+
+Source paths never enter the cache: a folder named after a patient would put the name there.
+The list IT needs to find a file that was not used (path, reason, detail) is written beside
+the cache, in ``<cache>.LOCAL/`` (:func:`local_report_dir`), keyed by an HMAC of the path under
+a key kept only there (``report.key``), so the in-cache list cannot be matched against guessed
+paths by whoever holds the cache.
 """
 from __future__ import annotations
 
@@ -40,7 +47,9 @@ __all__ = [
     "ManifestWriter",
     "SiteCache",
     "init_cache",
+    "local_report_dir",
     "open_cache",
+    "read_ingest_summary",
     "salted_key",
 ]
 
@@ -49,6 +58,10 @@ META_FILE = "cache.json"
 SALT_FILE = "salt.key"
 MANIFEST_FILE = "manifest.jsonl"
 REPORT_FILE = "ingest_report.csv"
+SUMMARY_FILE = "ingest_summary.json"
+LOCAL_SUFFIX = ".LOCAL"
+LOCAL_REPORT_FILE = "ingest_report.csv"
+LOCAL_KEY_FILE = "report.key"
 _HOW_TO_BUILD = "build it with `ultrafedfm ingest --source DICOM_DIR --cache {root}` (or --images DIR for a PNG folder)"
 
 
@@ -90,6 +103,20 @@ def salted_key(salt: bytes, *parts: str | int) -> str:
     """HMAC-SHA256 of ``parts`` joined by ``/`` under ``salt`` (hex)."""
     message = "/".join(str(p) for p in parts).encode("utf-8")
     return hmac.new(salt, message, hashlib.sha256).hexdigest()
+
+
+def local_report_dir(cache: str | Path) -> Path:
+    """The site-only folder beside ``cache`` that holds the path-bearing ingest report (never copy it along)."""
+    cache = Path(cache).expanduser().resolve()
+    return cache.with_name(cache.name + LOCAL_SUFFIX)
+
+
+def read_ingest_summary(cache: str | Path) -> dict | None:
+    """The counts of the cache's last ingest run (``ingest_summary.json``), or ``None`` if it has none."""
+    path = Path(cache) / SUMMARY_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def image_relpath(key: str, *, kind: Literal["images", "masks"] = "images") -> str:

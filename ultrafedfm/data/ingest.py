@@ -4,22 +4,31 @@
 ultrasound files in a process pool (chunked; a crashing worker costs only the file that
 crashed it), crops, suppresses overlays, letterboxes and writes PNGs, then appends the
 manifest from the parent process. Files already in the cache are recognised from their header
-alone (pixel data is deferred and never read). Every file not used lands in
-``ingest_report.csv`` with one reason of :data:`~ultrafedfm.data.dicom_reader.REJECT_REASONS`.
+alone (pixel data is deferred and never read). Every file not used is reported with one reason
+of :data:`~ultrafedfm.data.dicom_reader.REJECT_REASONS`.
 
 ``ingest_image_folder`` builds the same cache from a folder of images with a ``labels.csv``
 (columns ``file,label,mask,width,height``, the format of the BUSI evaluation folder).
 
-The report names files by their path relative to the source root (so IT can find them);
-manifest, PNG names and logs carry only salted keys, labels and frame numbers.
+Two reports, because source paths can carry PHI (a folder named after a patient):
+
+- ``<cache>.LOCAL/ingest_report.csv`` (beside the cache, for the site's IT only): each file not
+  used by its path relative to the source root, its reason and a detail, and a keyed hash;
+- in the cache, ``ingest_report.csv`` (the keyed hash and the reason, no path, no detail) and
+  ``ingest_summary.json`` (counts by reason): what the cache -- and the site's audit -- holds.
+
+Manifest, PNG names and logs carry only salted keys, labels and frame numbers.
 """
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import fnmatch
 import hashlib
+import io
 import logging
 import os
+import secrets
 from collections import Counter
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -31,13 +40,15 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from ultrafedfm.data.cache import (
-    REPORT_FILE, CacheEntry, ManifestWriter, image_relpath, init_cache, open_cache, salted_key, write_png,
+    LOCAL_KEY_FILE, LOCAL_REPORT_FILE, REPORT_FILE, SUMMARY_FILE, CacheEntry, ManifestWriter, image_relpath, init_cache,
+    local_report_dir, open_cache, salted_key, write_png,
 )
 from ultrafedfm.data.dicom_reader import (
     Rejected, check_ultrasound, decode_frames, frame_indices, number_of_frames, read_header, ultrasound_regions,
 )
 from ultrafedfm.data.ingest_config import IngestConfig
 from ultrafedfm.data.preprocess import box_from_regions, letterbox, prepare_frames, suppress_overlays
+from ultrafedfm.fileio import atomic_write_json, atomic_write_text
 
 _logger = logging.getLogger(__name__)
 
@@ -49,7 +60,11 @@ _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 @dataclass(frozen=True)
 class IngestSummary:
-    """What one ingest run did. ``added`` counts files (instances), ``images_written`` frames."""
+    """What one ingest run did. ``added`` counts files (instances), ``images_written`` frames.
+
+    ``report_path`` is the path-bearing list for the site's IT, outside the cache
+    (``<cache>.LOCAL/ingest_report.csv``); the cache itself keeps only keyed hashes and counts.
+    """
 
     cache: Path
     report_path: Path
@@ -213,11 +228,11 @@ def _iter_selected(source: Path, config: IngestConfig):
 
 def _walk(source: Path, cache: Path, config: IngestConfig) -> tuple[list[str], list[str]]:
     """(files to ingest, files excluded by the config) as sorted relative POSIX paths."""
-    cache = cache.resolve()
+    skip = {cache.resolve(), local_report_dir(cache)}
     selected, excluded = [], []
     for dirpath, dirnames, filenames in os.walk(source):
         here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if (here / d).resolve() != cache)
+        dirnames[:] = sorted(d for d in dirnames if (here / d).resolve() not in skip)
         for name in sorted(filenames):
             if name.upper() == "DICOMDIR":
                 continue
@@ -313,18 +328,56 @@ def ingest_dicom_folder(
 
 def _finish(cache: Path, results: list[_FileResult], *, files_seen: int, added: int, written: int, skipped: int) -> IngestSummary:
     rejected = [r for r in results if r.status == "rejected"]
-    report_path = cache / REPORT_FILE
-    with open(report_path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "reason", "detail"])
-        writer.writerows([r.relpath, r.reason, r.detail] for r in rejected)
+    local = local_report_dir(cache)
+    key = _local_report_key(local)
+    rows = [(salted_key(key, "source-file", r.relpath), r) for r in rejected]
+    local_csv = io.StringIO()
+    writer = csv.writer(local_csv)
+    writer.writerow(["file_key", "path", "reason", "detail"])
+    writer.writerows([file_key, r.relpath, r.reason, r.detail] for file_key, r in rows)
+    report_path = atomic_write_text(local / LOCAL_REPORT_FILE, local_csv.getvalue(), mode=0o600)
+    cache_csv = io.StringIO()
+    writer = csv.writer(cache_csv)
+    writer.writerow(["file_key", "reason"])
+    writer.writerows([file_key, r.reason] for file_key, r in rows)
+    atomic_write_text(cache / REPORT_FILE, cache_csv.getvalue())
     counts = dict(sorted(Counter(r.reason for r in rejected).items()))
+    atomic_write_json(cache / SUMMARY_FILE, {
+        "format": 1, "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "files_seen": files_seen, "added": added, "images_written": written, "skipped_existing": skipped,
+        "rejected": counts})
     summary = IngestSummary(cache=cache, report_path=report_path, files_seen=files_seen, added=added,
                             images_written=written, skipped_existing=skipped, rejected=counts)
     reasons = ", ".join(f"{reason} {n}" for reason, n in counts.items())
-    _logger.info("ingest done: %d files added (%d images), %d already cached, %d not used%s; report: %s",
-                 added, written, skipped, summary.rejected_total, f" ({reasons})" if reasons else "", report_path)
+    _logger.info("ingest done: %d files added (%d images), %d already cached, %d not used%s; the files not used, "
+                 "with their paths (LOCAL: keep it at the site): %s", added, written, skipped,
+                 summary.rejected_total, f" ({reasons})" if reasons else "", report_path)
     return summary
+
+
+_LOCAL_README = """LOCAL to this site: do not copy this folder with the cache, attach it to a ticket or send it anywhere.
+ingest_report.csv lists the source files the last ingest run did not use, by their path relative to the
+DICOM folder; paths can carry patient names. The cache beside this folder holds only the keyed hash of each
+path (file_key, an HMAC under report.key, which stays here) and the reason.
+"""
+
+
+def _local_report_key(local: Path) -> bytes:
+    """The HMAC key of the file keys (created once, mode 0600, in the LOCAL folder only)."""
+    local.mkdir(parents=True, exist_ok=True)
+    readme = local / "README.txt"
+    if not readme.exists():
+        readme.write_text(_LOCAL_README, encoding="utf-8")
+    path = local / LOCAL_KEY_FILE
+    if not path.exists():
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another ingest created it meanwhile
+            pass
+        else:
+            with os.fdopen(fd, "w", encoding="ascii") as f:
+                f.write(secrets.token_hex(32) + "\n")
+    return bytes.fromhex(path.read_text(encoding="ascii").strip())
 
 
 def ingest_image_folder(*, source: Path, cache: Path, config: IngestConfig, progress: bool = True) -> IngestSummary:
