@@ -161,6 +161,45 @@ def measure_overlays(count: int, image_size: int) -> None:
           f"lesion pixels changed mean {np.mean(lesion):.2%}")
 
 
+def per_file(names: list[str], image_size: int, repeats: int, tmp: Path) -> None:
+    """CPU ms per test file (median of ``repeats``): the plain decode, and what ingest does with the
+    file in one process (decode sampled frames to gray, crop, overlay suppression, letterbox, PNG),
+    with the overlay detection alone beside it."""
+    from ultrafedfm.data.cache import write_png
+    from ultrafedfm.data.dicom_reader import decode_frames, read_header, ultrasound_regions
+    from ultrafedfm.data.preprocess import box_from_regions, crop, overlay_mask
+
+    def cpu_ms(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.process_time()
+            fn()
+            times.append(time.process_time() - start)
+        return 1e3 * float(np.median(times))
+
+    print(f"{'file (first frame)':<32} {'size':>10} {'plain ms':>9} {'ingest ms':>10} {'overlay detection ms':>21}")
+    for name in names:
+        path = get_testdata_file(name, download=False)
+        if not path:
+            continue
+
+        def ingest_file() -> None:
+            ds = read_header(path)
+            frames = decode_frames(ds, [0])
+            box = box_from_regions(ultrasound_regions(ds), frames[0].gray.shape)
+            (image,) = prepare_frames([(f.gray, f.colour) for f in frames], region_box=box, find_box=True,
+                                      suppress=True, size=image_size)
+            write_png(tmp, f"per_file/{name}.png", image)
+
+        ds = read_header(path)
+        frame = decode_frames(ds, [0])[0]
+        box = box_from_regions(ultrasound_regions(ds), frame.gray.shape)
+        gray, colour = crop(frame.gray, box), None if frame.colour is None else crop(frame.colour, box)
+        print(f"{name:<32} {'x'.join(map(str, frame.gray.shape)):>10} "
+              f"{cpu_ms(lambda: pydicom.dcmread(path).pixel_array):9.2f} {cpu_ms(ingest_file):10.2f} "
+              f"{cpu_ms(lambda: overlay_mask(gray, colour)):21.2f}")
+
+
 def bench_set(label: str, names: list[str], args: argparse.Namespace, tmp: Path) -> None:
     config = IngestConfig(image_size=args.image_size)
     source = tmp / label.replace(" ", "_")
@@ -216,6 +255,8 @@ def main() -> None:
     measure_overlays(args.overlay_images, args.image_size)
     print(f"cpu cores: {os.cpu_count()}, files per set: {args.files}, image_size: {args.image_size}, "
           f"repeats: {args.repeats} (medians)")
+    with tempfile.TemporaryDirectory() as tmp:
+        per_file(SINGLE_FRAME, args.image_size, 2 * args.repeats + 1, Path(tmp))
     print(f"{'file set':<13} {'method':<15} {'files/s':>8} {'images/s':>9} {'wall ratio':>10} {'CPU ms/file':>11} "
           f"{'CPU ratio':>9}   CPU ratio per repeat")
     with tempfile.TemporaryDirectory() as tmp:
