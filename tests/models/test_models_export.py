@@ -53,3 +53,36 @@ def test_save_encoder_writes_weights_and_timm_description(tmp_path):
     state = torch.load(path, weights_only=True)
     assert sorted(vit.load_state_dict(state, strict=False).missing_keys) == ["head.bias", "head.weight"]
     assert torch.equal(vit.cls_token, mae.cls_token.token.detach())
+
+
+def test_safetensors_encoder_loads_into_timm_with_the_card_beside_it(tmp_path):
+    from safetensors.torch import load_file
+
+    from ultrafedfm.models.card import Metric, ModelCard
+
+    torch.manual_seed(0)
+    mae = build_mae("tiny", img_size=48)
+    card = ModelCard(title="test encoder", kind="encoder", preset="tiny", rounds=3, privacy="secure aggregation",
+                     data=("site-1: 10 images",), metrics={"probe_auroc": Metric(0.8, 0.7, 0.9, n=40)})
+    path = save_encoder(mae, tmp_path / "encoder.safetensors", card=card)
+    meta = json.loads((tmp_path / "encoder.json").read_text())
+    vit = timm.create_model(meta["timm_model"], pretrained=False, in_chans=1, num_classes=2, **meta["timm_kwargs"])
+    result = vit.load_state_dict(load_file(str(path)), strict=False)
+    assert sorted(result.missing_keys) == ["head.bias", "head.weight"] and result.unexpected_keys == []
+    assert torch.equal(vit.pos_embed, mae.pos_embed)
+    assert meta["card"]["rounds"] == 3
+    text = (tmp_path / "encoder.md").read_text()
+    assert "secure aggregation" in text and "0.800 (95% CI 0.700-0.900)" in text
+
+
+def test_safetensors_file_alone_describes_its_architecture(tmp_path):
+    from ultrafedfm.models.export import load_encoder_file
+
+    torch.manual_seed(0)
+    mae = build_mae("tiny", img_size=48)
+    path = save_encoder(mae, tmp_path / "encoder.safetensors")
+    (tmp_path / "encoder.json").unlink()  # only the weights file travels
+    state, meta = load_encoder_file(path)
+    assert meta["timm_kwargs"]["img_size"] == 48 and meta["timm_model"] == "vit_tiny_patch16_224"
+    assert torch.equal(state["cls_token"], mae.cls_token.token.detach())
+    assert not (tmp_path / "encoder.md").exists()  # no card asked for, none written

@@ -1,0 +1,85 @@
+"""Downstream models: pyramid blocks, heads, frozen linear probes, layer decay, encoder loading, safetensors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ultrafedfm.models.downstream import (
+    DownstreamSpec, build_downstream, load_downstream, load_encoder, pyramid_blocks, save_downstream, scratch_encoder,
+)
+from ultrafedfm.models.export import export_encoder, save_encoder
+from ultrafedfm.models.mae import build_mae
+from ultrafedfm.train.finetune import FinetuneConfig, build_optimizer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two OpenMP threads spin-wait for each other on a shared 2-core machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_pyramid_blocks_follow_the_paper_at_depth_12_and_spread_over_shallow_encoders():
+    assert pyramid_blocks(12) == (3, 5, 7, 11)
+    assert pyramid_blocks(2) == (0, 0, 1, 1)
+    assert pyramid_blocks(6) == (0, 2, 3, 5)
+
+
+@pytest.mark.parametrize("task,mode", [("cls", "full"), ("cls", "linear"), ("seg", "full"), ("seg", "linear")])
+def test_vit_heads_give_the_right_shapes_and_linear_mode_freezes_the_encoder(task, mode):
+    weights = scratch_encoder("tiny", img_size=32, seed=0)
+    spec = DownstreamSpec.for_encoder(weights, task=task, classes=("a", "b", "c") if task == "cls" else (), mode=mode)
+    model = build_downstream(spec, encoder=weights)
+    out = model(torch.rand(2, 1, 32, 32))
+    assert out.shape == ((2, 3) if task == "cls" else (2, 1, 32, 32))
+    encoder = model if task == "cls" else model.encoder
+    trainable_encoder = [n for n, p in encoder.named_parameters() if p.requires_grad and not n.startswith("head.")]
+    assert (trainable_encoder == []) == (mode == "linear")
+
+
+def test_layer_decay_scales_early_blocks_below_late_ones():
+    weights = scratch_encoder("small", img_size=32, seed=0)
+    spec = DownstreamSpec.for_encoder(weights, task="cls", classes=("a", "b"))
+    model = build_downstream(spec, encoder=weights)
+    optimizer = build_optimizer(model, FinetuneConfig(layer_decay=0.75))
+    scale = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            scale[id(p)] = group["lr_scale"]
+    head, first, last = model.head.weight, model.blocks[0].attn.qkv.weight, model.blocks[11].attn.qkv.weight
+    assert scale[id(head)] == pytest.approx(1.0)
+    assert scale[id(last)] == pytest.approx(0.75)
+    assert scale[id(first)] == pytest.approx(0.75 ** 12)
+
+
+def test_encoder_loads_alike_from_export_file_and_full_mae_state(tmp_path):
+    torch.manual_seed(0)
+    mae = build_mae("tiny", img_size=32)
+    save_encoder(mae, tmp_path / "encoder.safetensors")
+    torch.save(mae.state_dict(), tmp_path / "final_model.pt")
+    from_file = load_encoder(tmp_path / "encoder.safetensors")
+    from_mae = load_encoder(tmp_path / "final_model.pt", img_size=32)
+    expected = export_encoder(mae)
+    for state in (from_file.state, from_mae.state):
+        assert state.keys() == expected.keys()
+        assert all(torch.equal(state[k], expected[k]) for k in expected)
+    assert from_mae.preset == "tiny" and from_mae.img_size == 32
+
+
+def test_saved_models_reload_with_identical_outputs_and_a_card(tmp_path):
+    from ultrafedfm.models.card import ModelCard
+
+    weights = scratch_encoder("tiny", img_size=32, seed=1)
+    x = torch.rand(3, 1, 32, 32)
+    for task, arch in (("cls", "vit"), ("seg", "vit"), ("seg", "resnet18")):
+        spec = (DownstreamSpec.for_encoder(weights, task=task, classes=("benign", "malignant") if task == "cls" else ())
+                if arch == "vit" else DownstreamSpec(task=task, arch=arch, img_size=32))
+        model = build_downstream(spec, encoder=weights if arch == "vit" else None).eval()
+        folder = tmp_path / f"{task}_{arch}"
+        save_downstream(model, spec, folder, card=ModelCard(title="t", kind=task))
+        loaded, loaded_spec = load_downstream(folder)
+        assert loaded_spec == spec
+        with torch.no_grad():
+            assert torch.allclose(loaded(x), model(x))
+        assert (folder / "MODEL_CARD.md").is_file()

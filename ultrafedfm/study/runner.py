@@ -1,0 +1,221 @@
+"""The study as a list of units of work, each written to its own result file: a rerun continues.
+
+Units, in order: prepare the data; pretrain (centralized, federated with secure aggregation,
+centralized without the thyroid sites); then one fine-tuning cell per (arm, task, label
+fraction, seed); then the report. A unit whose result file exists is skipped, so a killed
+study resumes where it stopped (pretraining units also resume inside themselves from their
+checkpoints). A unit that fails is logged and retried on the next run; units that need its
+output wait: a unit never reports numbers it did not measure.
+
+Layout under ``out``::
+
+    results/<unit>.json      one per finished unit (metrics, intervals, shifts, predictions)
+    pretrain/<arm>/          encoders (safetensors + card), checkpoints, the FLARE run
+    models/<arm>/<task>/     fine-tuned models of seed 0 at 100 % labels (safetensors + card)
+    examples/                segmentation example PNGs
+    results.md, figures/     the report
+    study.log                appended by ``ultrafedfm study``
+"""
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ultrafedfm.config import to_mapping
+from ultrafedfm.fileio import append_line, atomic_write_json
+from ultrafedfm.study.presets import StudyPreset
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["TASK_DEFS", "Unit", "plan_units", "run_study"]
+
+# task -> (data set, cls|seg, binary AUROC pairs, headline metrics)
+TASK_DEFS: dict[str, tuple[str, str, tuple[tuple[str, str], ...], tuple[str, ...]]] = {
+    "busi_cls": ("busi", "cls", (("benign", "malignant"),), ("auroc/benign_vs_malignant", "auroc_macro")),
+    "busi_seg": ("busi", "seg", (), ("dice",)),
+    "ddti_seg": ("ddti", "seg", (), ("dice",)),
+}
+PRETRAIN_ARMS = ("central", "federated", "federated_dp", "central_no_thyroid")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One piece of work; ``key`` names its result file."""
+
+    kind: str  # pretrain | finetune
+    arm: str
+    task: str = ""
+    fraction: float = 1.0
+    seed: int = 0
+
+    @property
+    def key(self) -> str:
+        if self.kind == "pretrain":
+            return f"pretrain/{self.arm}"
+        return f"finetune/{self.arm}/{self.task}/f{self.fraction:g}/s{self.seed}"
+
+
+def plan_units(preset: StudyPreset) -> list[Unit]:
+    """Every unit of ``preset``, pretraining first."""
+    units = [Unit("pretrain", arm) for arm in PRETRAIN_ARMS if arm in preset.arms]
+    for task in preset.tasks:
+        for arm in preset.arms:
+            if arm == "central_no_thyroid" and task != "ddti_seg":
+                continue
+            for fraction in preset.fractions:
+                for seed in preset.seeds:
+                    units.append(Unit("finetune", arm, task, fraction, seed))
+    return units
+
+
+def _result_path(out: Path, unit: Unit) -> Path:
+    return out / "results" / f"{unit.key}.json"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return None if not np.isfinite(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    return value
+
+
+def _run_pretrain(unit: Unit, *, out: Path, preset: StudyPreset, data, progress: bool) -> dict[str, Any]:
+    from ultrafedfm.study.data import THYROID_SETS
+    from ultrafedfm.study.pretrain_arms import run_central_pretraining
+
+    folder = out / "pretrain" / unit.arm
+    started = time.perf_counter()
+    if unit.arm == "central":
+        path = run_central_pretraining(sites=data.sites, site_images=data.site_images, preset=preset, out=folder,
+                                       title="UltraFedFM encoder, centralized MAE (study arm)", progress=progress)
+        extra: dict[str, Any] = {"sites": list(data.sites)}
+    elif unit.arm == "central_no_thyroid":
+        sites = data.sites_without(THYROID_SETS)
+        path = run_central_pretraining(sites=sites, site_images=data.site_images, preset=preset, out=folder,
+                                       title="UltraFedFM encoder, centralized MAE without thyroid sites (study arm)",
+                                       progress=progress)
+        extra = {"sites": list(sites)}
+    else:
+        from ultrafedfm.study.federated_arm import run_federated_pretraining
+
+        path, rows, privacy = run_federated_pretraining(sites=data.sites, site_images=data.site_images,
+                                                        preset=preset, out=folder, dp=unit.arm == "federated_dp")
+        extra = {"sites": list(data.sites), "rounds": len(rows), "applied_rounds": sum(bool(r.get("applied")) for r in rows),
+                 "global_loss": [r.get("global_loss") for r in rows], "privacy": privacy,
+                 "round_seconds": [r.get("duration_s") for r in rows]}
+    return {"status": "done", "encoder": str(path), "seconds": time.perf_counter() - started,
+            "image_epochs": preset.pretrain_epochs, **extra}
+
+
+def _encoder_for(unit: Unit, *, out: Path, preset: StudyPreset):
+    from ultrafedfm.models.downstream import load_encoder, scratch_encoder
+    from ultrafedfm.study.pretrain_arms import ENCODER_FILE
+
+    if unit.arm == "resnet18":
+        return None
+    if unit.arm == "scratch":
+        return scratch_encoder(preset.model_preset, img_size=preset.img_size, seed=unit.seed)
+    return load_encoder(out / "pretrain" / unit.arm / ENCODER_FILE)
+
+
+def _run_finetune(unit: Unit, *, out: Path, preset: StudyPreset, data, progress: bool) -> dict[str, Any]:
+    from ultrafedfm.downstream.evaluate import save_examples_png
+    from ultrafedfm.downstream.experiment import run_finetune
+    from ultrafedfm.study.cards import finetuned_card
+    from ultrafedfm.models.downstream import save_downstream
+
+    name, task, pairs, headline = TASK_DEFS[unit.task]
+    started = time.perf_counter()
+    run = run_finetune(
+        data.downstream[name], data.splits[name], task=task,
+        config=preset.finetune_cnn if unit.arm == "resnet18" else preset.finetune_vit,
+        encoder=_encoder_for(unit, out=out, preset=preset), arch="resnet18" if unit.arm == "resnet18" else "vit",
+        mode="full" if unit.arm == "resnet18" else preset.finetune_mode, label_fraction=unit.fraction,
+        seed=unit.seed, shifts=preset.shifts, pairs=pairs, decoder_channels=preset.decoder_channels,
+        n_boot=preset.n_boot, device=preset.device, progress=progress)
+    preds = run.test.predictions
+    result: dict[str, Any] = {
+        "status": "done", "arm": unit.arm, "task": unit.task, "fraction": unit.fraction, "seed": unit.seed,
+        "train_size": run.train_size, "val_size": len(run.split.val), "test_size": len(run.split.test),
+        "best_val": run.fit.best_metric, "best_step": run.fit.best_step, "total_steps": run.fit.total_steps,
+        "seconds": time.perf_counter() - started, "headline": list(headline), **run.test.to_mapping(),
+        "groups": preds.groups,
+    }
+    if task == "cls":
+        result["labels"], result["probs"] = preds.labels, np.round(preds.probs, 5)
+        result["classes"] = list(run.spec.classes)
+    else:
+        from ultrafedfm.downstream.metrics import segmentation_case_metrics
+
+        result["case_dice"] = segmentation_case_metrics(preds.pred_masks.float(), preds.masks.float())["dice"]
+    if unit.seed == preset.seeds[0] and unit.fraction == max(preset.fractions):
+        folder = out / "models" / unit.arm / unit.task
+        save_downstream(run.model, run.spec, folder, card=finetuned_card(unit=unit, run=run, preset=preset,
+                                                                          data_name=name))
+        result["model"] = str(folder)
+        if task == "seg":
+            view = data.downstream[name].view(run.split.test, task="seg")
+            result["examples_png"] = str(save_examples_png(view, preds, out / "examples" /
+                                                           f"{unit.arm}_{unit.task}.png"))
+    return result
+
+
+def run_study(*, out: str | Path, preset: StudyPreset, data_root: str | Path, progress: bool = True,
+              stop_after: int | None = None) -> dict[str, Any]:
+    """Run every unit not yet done, then write the report. Returns a summary (counts, failures, report path).
+
+    Args:
+        stop_after: run at most this many units this time (tests use it to check resuming).
+    """
+    from ultrafedfm.study.data import prepare_data
+    from ultrafedfm.study.report import write_report
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "preset.json", to_mapping(preset))
+    started = time.perf_counter()
+    data = prepare_data(data_root, out, preset, progress=progress)
+    units = plan_units(preset)
+    failures: dict[str, str] = {}
+    ran = skipped = 0
+    for index, unit in enumerate(units, 1):
+        path = _result_path(out, unit)
+        if path.is_file():
+            skipped += 1
+            continue
+        if stop_after is not None and ran >= stop_after:
+            break
+        needs = f"pretrain/{unit.arm}"
+        if unit.kind == "finetune" and unit.arm in PRETRAIN_ARMS and not (out / "results" / f"{needs}.json").is_file():
+            failures[unit.key] = f"waiting for {needs}"
+            continue
+        _logger.info("[%d/%d] %s", index, len(units), unit.key)
+        try:
+            runner = _run_pretrain if unit.kind == "pretrain" else _run_finetune
+            result = runner(unit, out=out, preset=preset, data=data, progress=progress)
+        except Exception as exc:  # one failed unit must not stop the study; the rerun retries it
+            failures[unit.key] = f"{type(exc).__name__}: {exc}"
+            _logger.error("unit %s failed: %s\n%s", unit.key, exc, traceback.format_exc())
+            append_line(out / "failures.log", f"{time.strftime('%Y-%m-%d %H:%M:%S')} {unit.key}: {failures[unit.key]}")
+            continue
+        atomic_write_json(path, _jsonable({"unit": unit.key, **result}))
+        ran += 1
+    remaining = [u.key for u in units if not _result_path(out, u).is_file()]
+    report = write_report(out, preset=preset, units=units)
+    summary = {"units": len(units), "ran": ran, "skipped_done": skipped, "remaining": remaining,
+               "failures": failures, "report": str(report), "seconds": time.perf_counter() - started}
+    atomic_write_json(out / "status.json", summary)
+    return summary
