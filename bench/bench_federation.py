@@ -2,7 +2,8 @@
 
 overhead = (round wall time - slowest site's training time) / round wall time
 
-"Training time" is what each site's ``train_local`` call measured; everything else in a round
+"Training time" is what each site's ``train_local`` call measured, read from the figures each
+simulated site keeps on its own disk (the server never learns it); everything else in a round
 -- sending the global model, loading it, computing and sending the delta, FLARE's task polling,
 the server's aggregation and checkpoint -- is overhead. Round 1 also pays for starting the sites'
 training processes and opening their caches, so it is reported apart from the later rounds.
@@ -29,6 +30,7 @@ from ultrafedfm.data.cache import CacheEntry, ManifestWriter, image_relpath, ini
 from ultrafedfm.flare.deploy.job_builder import export_job_folder
 from ultrafedfm.federation.job_spec import JOB_SPECS
 from ultrafedfm.federation.run_state import RunState
+from ultrafedfm.federation.site_figures import read_site_figures, site_figures_path
 from ultrafedfm.flare.deploy.simulation import prepare_workspace, run_simulation
 
 _logger = logging.getLogger("bench_federation")
@@ -71,9 +73,14 @@ def run_preset(args: argparse.Namespace, preset: str, image_size: int, tmp: Path
     rows = RunState(spec.run_state_dir, "bench").read_rounds()
     if len(rows) != args.rounds or not all(r["applied"] for r in rows):
         raise SystemExit(f"{preset}: the run did not complete ({len(rows)} rounds); see {result.server_log}")
+    # Each site's own training time per round, from its own disk (the server keeps aggregates only).
+    seconds: dict[int, list[float]] = {}
+    for cache in caches.values():
+        for figures in read_site_figures(site_figures_path(cache)):
+            seconds.setdefault(figures.round, []).append(figures.train_seconds)
     per_round = []
     for row in rows:
-        slowest = max(row["train_seconds"].values())
+        slowest = max(seconds[row["round"]])
         per_round.append((row["duration_s"], slowest, (row["duration_s"] - slowest) / row["duration_s"]))
     later = per_round[1:] or per_round
     return {

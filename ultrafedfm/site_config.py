@@ -19,12 +19,12 @@ site, so a simulation needs the per-site map::
 
 Relative paths are taken relative to the folder holding ``site.yaml``.
 
-Secure aggregation signs each round's keys with the site's provisioned certificate: by default
-the kit's ``startup/client.crt`` / ``startup/client.key``, checked against ``startup/rootCA.pem``.
-An ``identity:`` section names other files; the FLARE simulator (no kits) uses it to point each
-simulated site at a throwaway simulation CA's certificate (``ultrafedfm.flare.deploy.simulation``)::
+Secure aggregation needs the site's own files: its signing key (``ultrafedfm kit enroll``), the
+consortium's member list from the project admin, and the pins and contribution ledger the site
+writes (``ultrafedfm.kit.enroll.SiteFiles``), by default in the kit's ``local/`` folder. The FLARE
+simulator (no kits) names another folder per simulated site (``ultrafedfm.flare.deploy.simulation``)::
 
-    identity: {certificate: /sim/site-1/client.crt, private_key: /sim/site-1/client.key, root_ca: /sim/rootCA.pem}
+    secagg_dir: /sim/ws.secagg/site-1      # SIMULATION ONLY; a deployment keeps the kit's local/
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from ultrafedfm.privacy.policy import PrivacyPolicy
 _logger = logging.getLogger(__name__)
 
 __all__ = [
-    "SITE_CONFIG_FILE", "IdentityFiles", "PrivacyPolicy", "SiteConfig", "SiteResources", "find_site_config",
+    "SITE_CONFIG_FILE", "PrivacyPolicy", "SiteConfig", "SiteResources", "find_site_config",
     "load_site_config",
 ]
 
@@ -61,17 +61,6 @@ class SiteResources:
 
 
 @dataclass
-class IdentityFiles:
-    """The site's certificate, its private key and the project's root CA (each ``None``: the kit's
-    ``startup/client.crt``, ``startup/client.key``, ``startup/rootCA.pem``). A deployment keeps the
-    kit's files; naming others is meant for the simulator."""
-
-    certificate: Path | None = None
-    private_key: Path | None = None
-    root_ca: Path | None = None
-
-
-@dataclass
 class SiteConfig:
     """Where a site's data is and what training may use.
 
@@ -84,7 +73,8 @@ class SiteConfig:
         num_workers: data-loader worker processes (0: load in the training process).
         resources: what the site declares it has (``None``: nothing declared).
         privacy: the site's privacy policy (``ultrafedfm.privacy.policy``), checked before every task.
-        identity: where the secure-aggregation identity is (``None``: the kit's ``startup/`` files).
+        secagg_dir: the folder of the site's secure-aggregation files (signing key, member list, pins,
+            ledger; ``None``: the kit's ``local/`` folder). Only the simulator names another.
     """
 
     cache: Path
@@ -95,7 +85,7 @@ class SiteConfig:
     num_workers: int = 2
     resources: SiteResources | None = None
     privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
-    identity: IdentityFiles | None = None
+    secagg_dir: Path | None = None
 
     def __post_init__(self) -> None:
         check(self.num_threads is None or self.num_threads >= 1, "num_threads", "must be at least 1")
@@ -127,11 +117,8 @@ def load_site_config(path: str | Path, *, site_name: str | None = None) -> SiteC
     config.cache = base / config.cache.expanduser()
     if config.dicom is not None:
         config.dicom = base / config.dicom.expanduser()
-    if config.identity is not None:
-        for name in ("certificate", "private_key", "root_ca"):
-            value = getattr(config.identity, name)
-            if value is not None:
-                setattr(config.identity, name, base / Path(value).expanduser())
+    if config.secagg_dir is not None:
+        config.secagg_dir = base / config.secagg_dir.expanduser()
     return config
 
 

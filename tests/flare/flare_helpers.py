@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from caches import make_cache  # noqa: F401  (re-exported for the FLARE tests)
-from ultrafedfm.flare.deploy.job_builder import export_job_folder
+from ultrafedfm.flare.deploy.job_builder import build_job, export_job_folder
 from ultrafedfm.federation.job_spec import JOB_SPECS, JobSpec
 from ultrafedfm.federation.run_state import RunState
 from ultrafedfm.flare.deploy.simulation import SimulationResult, prepare_workspace, run_simulation, workspace_processes
@@ -26,11 +26,27 @@ def tiny_spec(tmp: Path, **changes) -> JobSpec:
 
 
 def simulate(
-    tmp: Path, spec: JobSpec, site_configs: dict[str, dict], *, timeout_s: float = 300, **kwargs
+    tmp: Path, spec: JobSpec, site_configs: dict[str, dict], *, timeout_s: float = 300, record_replies: Path | None = None,
+    simulation_members: bool = True, **kwargs
 ) -> tuple[SimulationResult, RunState]:
-    job_dir = export_job_folder(spec, tmp / "job", python=sys.executable)
+    """Export ``spec``, run it in the simulator; ``record_replies``: the server records what every reply
+    carries (names, dtypes, shapes; ``ultrafedfm.flare.server.reply_record``) into that file."""
+    if record_replies is None:
+        job_dir = export_job_folder(spec, tmp / "job", python=sys.executable)
+    else:
+        from nvflare.job_config.defs import FilterType
+
+        from ultrafedfm.flare.registry import ALL_TASKS
+        from ultrafedfm.flare.server.reply_record import ReplyRecorder
+
+        job = build_job(spec, python=sys.executable)
+        # The server's filter table is keyed by task name ("*" matches nothing there).
+        job.to_server(ReplyRecorder(record_file=str(record_replies)), filter_type=FilterType.TASK_RESULT,
+                      tasks=list(ALL_TASKS))
+        job.export_job(str(tmp / "job"))
+        job_dir = tmp / "job" / spec.name
     workspace = tmp / "ws"
-    prepare_workspace(workspace, site_configs=site_configs)
+    prepare_workspace(workspace, site_configs=site_configs, simulation_members=simulation_members)
     result = run_simulation(job_dir=job_dir, workspace=workspace, clients=sorted(site_configs), timeout_s=timeout_s, **kwargs)
     return result, RunState(spec.run_state_dir, spec.effective_run_name)
 

@@ -1,7 +1,9 @@
 """Secure aggregation inside the FLARE jobs, in the real simulator with real cryptography.
 
-The sites sign with certificates of a simulation-only CA (``prepare_workspace``); the server
-holds only sums of masked vectors. Each test judges by what the server saved and logged.
+The sites sign with their own keys, enrolled in a member list signed by a throwaway admin key
+(``prepare_workspace``); each keeps its pins, contribution ledger and round figures on its own
+disk; the server holds only sums of masked vectors. Each test judges by what the server saved,
+logged and received, and by what each site recorded.
 """
 from __future__ import annotations
 
@@ -16,15 +18,22 @@ import pytest
 import torch
 
 from flare_helpers import make_cache, secure_site, simulate, site, site_trainer_pids, tiny_spec
-from ultrafedfm.federation.model_io import model_params
-from ultrafedfm.flare.deploy.simulation import workspace_processes
-from ultrafedfm.federation.site_training import SiteTrainer
-from ultrafedfm.secagg import SecAggConfig
-from ultrafedfm.site_config import SiteConfig
 from ultrafedfm.federation.fedavg import apply_delta, weighted_mean_delta
+from ultrafedfm.federation.model_io import model_params
+from ultrafedfm.federation.site_figures import read_site_figures, site_figures_path
+from ultrafedfm.federation.site_training import SiteTrainer
+from ultrafedfm.federation.wire import SECAGG_KEY
+from ultrafedfm.flare.deploy.simulation import workspace_processes
+from ultrafedfm.flare.server.reply_record import read_reply_records
+from ultrafedfm.site_config import SiteConfig
 from ultrafedfm.train.schedule import round_learning_rate
 
 pytestmark = pytest.mark.slow
+
+
+# Headers FLARE 2.9 itself puts on a task result (routing, audit, round numbers); none comes from our site code.
+FLARE_HEADERS = {"__audit_event_id__", "__content_type__", "__cookie_jar__", "__msg_root_id__", "__peer_ctx__",
+                 "__peer_props__", "__task_id__", "__task_name__", "current_round", "fl_client", "start_round"}
 
 
 def secure_spec(tmp: Path, **changes):
@@ -33,15 +42,26 @@ def secure_spec(tmp: Path, **changes):
     return tiny_spec(tmp, **{**base, **changes})
 
 
-def hand_deltas(spec, caches: dict[str, Path], params: dict) -> dict[str, dict[str, np.ndarray]]:
-    """Each site's round-1 delta recomputed outside FLARE (site training is deterministic given the seed)."""
+def own_figures(caches: dict[str, Path]) -> dict:
+    """What each site recorded on its own disk for round 1 (never sent)."""
+    out = {}
+    for name, cache in caches.items():
+        [figures] = [f for f in read_site_figures(site_figures_path(cache)) if f.round == 0]
+        out[name] = figures
+    return out
+
+
+def hand_deltas(spec, caches: dict[str, Path], params: dict, seeds: dict[str, int]) -> dict[str, dict[str, np.ndarray]]:
+    """Each site's round-1 delta recomputed outside FLARE from the training seed the site recorded
+    (with secure aggregation it mixes in fresh entropy; training is deterministic given it)."""
     torch.set_num_threads(1)
     lr = round_learning_rate(0, base_lr=spec.base_lr, batch_size=spec.batch_size, warmup_rounds=spec.warmup_rounds,
                              total_rounds=spec.num_rounds)
     out = {}
     for name, cache in caches.items():
         trainer = SiteTrainer(site_name=name, site_config=SiteConfig(cache=cache, num_workers=0, num_threads=1))
-        update = trainer.train_round(global_params=params, contract=spec.training_contract(), lr=lr, round_index=0)
+        update = trainer.train_round(global_params=params, contract=spec.training_contract(), lr=lr, round_index=0,
+                                     generator_seed=seeds[name])
         out[name] = {k: v.numpy() for k, v in update.delta.items()}
     return out
 
@@ -92,23 +112,43 @@ def server_side_files(result, spec) -> list[Path]:
     return [p for root in roots for p in root.rglob("*") if p.is_file()]
 
 
-def test_secure_round_equals_plaintext_fedavg_and_no_single_delta_reaches_the_server(tmp_path):
+def test_a_secure_round_equals_fedavg_and_the_server_receives_and_keeps_nothing_of_one_site_in_the_clear(tmp_path):
     sizes = {"site-1": 8, "site-2": 16, "site-3": 24}
     caches = {n: make_cache(tmp_path / n, n_images=k, seed=i, brightness=0.25 + 0.25 * i)
               for i, (n, k) in enumerate(sizes.items())}
     spec = secure_spec(tmp_path)
-    result, state = simulate(tmp_path, spec, {n: secure_site(c) for n, c in caches.items()})
+    replies_file = tmp_path / "replies.jsonl"
+    result, state = simulate(tmp_path, spec, {n: secure_site(c) for n, c in caches.items()},
+                             record_replies=replies_file)
     assert workspace_processes(result.workspace) == []
     rows = state.read_rounds()
     assert len(rows) == 1 and rows[0]["applied"], result.server_log.read_text()[-3000:]
     assert rows[0]["participants"] == sorted(sizes) and rows[0]["failed"] == {}
-    assert rows[0]["num_samples"] == sizes
     server_log = result.server_log.read_text()
-    assert "securely aggregated 3 sites (sum of weights 48.0)" in server_log
+    assert "securely aggregated 3 sites (sum of weights 48.0, 48 images" in server_log
 
-    # (a) the unmasked mean equals plaintext weighted FedAvg within the quantisation bound
+    # (a) what each site sent, as the server received it (a FLARE result filter ahead of our
+    # controller): in every task, the one protocol message and nothing of the site's own.
+    replies = read_reply_records(replies_file)
+    tasks = {"secagg_advertise_keys", "secagg_share_keys", "train", "secagg_consistency_check", "secagg_unmask"}
+    assert {(r["task"], r["site"]) for r in replies} == {(t, n) for t in tasks for n in sizes}, replies
+    for reply in replies:
+        assert reply["return_code"] == "OK" and reply["data_kind"] == "WEIGHT_DIFF", reply
+        assert list(reply["params"]) == [SECAGG_KEY] and reply["params"][SECAGG_KEY].startswith("uint8["), reply
+        assert reply["meta"] == {}, reply  # no loss, image count, steps or time beside the mask
+        assert reply["top_level"] == ["DXO"], reply
+        assert set(reply["headers"]) <= FLARE_HEADERS, reply  # the transport's own, set by FLARE
+
+    # (b) the round's statistics are the aggregates the sum decodes to, nothing per site
+    own = own_figures(caches)
+    assert set(rows[0]) & {"loss", "num_samples", "train_seconds"} == set()
+    assert rows[0]["total_images"] == 48 and rows[0]["total_steps"] == sum(f.steps for f in own.values())
+    weighted = sum(f.loss * f.num_samples for f in own.values()) / 48
+    assert abs(rows[0]["global_loss"] - weighted) < 1e-4
+
+    # (c) the unmasked mean equals plaintext weighted FedAvg within the quantisation bound
     initial = model_params(spec.training_contract().initial_model())
-    deltas = hand_deltas(spec, caches, initial)
+    deltas = hand_deltas(spec, caches, initial, {n: f.generator_seed for n, f in own.items()})
     expected = apply_delta(initial, weighted_mean_delta([deltas[n] for n in sizes], weights=list(sizes.values())))
     final = state.load().params
     bound = quantisation_bound(spec, 3, sum(sizes.values()))
@@ -118,7 +158,7 @@ def test_secure_round_equals_plaintext_fedavg_and_no_single_delta_reaches_the_se
     gap = max_abs_diff(unweighted, expected)
     assert gap > 5 * (bound + 2e-5), (gap, error, bound)  # the check tells weighted from unweighted
 
-    # (b) nothing the server stores or logs holds a recognisable piece of one site's delta
+    # (d) nothing the server stores or logs holds a recognisable piece of one site's delta
     files = server_side_files(result, spec)
     assert any(p.name == "global_model.pt" for p in files)
     global_chunk = float_chunks({k: v for k, v in final.items() if "decoder" in k}, count=1)[0]
@@ -165,12 +205,12 @@ def test_a_site_dying_after_its_masked_input_is_recovered_by_the_others(tmp_path
     assert len(rows) == 1 and rows[0]["applied"], result.server_log.read_text()[-3000:]
     row = rows[0]
     # site-4's masked input is in the sum; it dropped in the consistency check (or the unmask).
-    assert row["participants"] == sorted(sizes)
+    assert row["participants"] == sorted(sizes) and row["total_images"] == sum(sizes.values())
     assert row["failed"]["site-4"].startswith(("secagg_consistency_check", "secagg_unmask")), row["failed"]
     assert set(row["failed"]) == {"site-4"}
 
     initial = model_params(spec.training_contract().initial_model())
-    deltas = hand_deltas(spec, caches, initial)
+    deltas = hand_deltas(spec, caches, initial, {n: f.generator_seed for n, f in own_figures(caches).items()})
     expected = apply_delta(initial, weighted_mean_delta([deltas[n] for n in sizes], weights=list(sizes.values())))
     assert max_abs_diff(state.load().params, expected) <= quantisation_bound(spec, 4, sum(sizes.values())) + 2e-5
 

@@ -27,6 +27,7 @@ from pydicom.data import get_testdata_file
 
 from ultrafedfm.cli import main
 from ultrafedfm.kit.certs import read_certificate, validity
+from ultrafedfm.kit.enroll import enroll_site
 from ultrafedfm.kit.preflight import check_site_kit
 
 CONSORTIUM = {
@@ -51,6 +52,14 @@ def provisioned(tmp_path_factory) -> Provisioned:
     tmp = tmp_path_factory.mktemp("consortium")
     (tmp / "consortium.yaml").write_text(yaml.safe_dump(CONSORTIUM))
     assert main(["kit", "init", "--consortium", str(tmp / "consortium.yaml"), "--workspace", str(tmp / "ws")]) == 0
+    kits = tmp / "ws" / "ufm-check" / "prod_00"
+    # Secure-aggregation enrolment, as the kits' IT and the admin do it: a healthy kit is enrolled.
+    for site in ("site-1", "site-2"):
+        fingerprint = enroll_site(kits / site).fingerprint
+        assert main(["kit", "membership", "add", "--workspace", str(tmp / "ws"), "--fingerprint", fingerprint,
+                     "--request", str(kits / site / "local" / "secagg_enrollment.json")]) == 0
+    for participant in ("site-1", "site-2", "localhost"):
+        shutil.copyfile(tmp / "ws" / "membership" / "members.json", kits / participant / "local" / "members.json")
     state = json.loads((tmp / "ws" / "ufm-check" / "state" / "cert.json").read_text())
     return Provisioned(
         kits=tmp / "ws" / "ufm-check" / "prod_00",
@@ -215,7 +224,7 @@ def test_healthy_kit_passes_every_check_but_the_absent_server(kit, capsys):
     point_at(kit, closed_port())
     code, lines = check(kit, capsys)
     assert code == 1
-    for name_ in ("certificate", "root CA", "site.yaml", "data", "resources"):
+    for name_ in ("certificate", "root CA", "membership", "site.yaml", "data", "resources"):
         assert lines[name_].startswith("ok: "), lines
     assert "client.crt for site-1, signed by the kit's CA, expires on" in lines["certificate"]
     assert "IM0001 ingests (1 image(s))" in lines["data"]

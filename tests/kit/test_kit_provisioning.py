@@ -115,3 +115,51 @@ def test_expiry_lists_days_left_and_flags_soon(tmp_path, capsys):
     assert {i.subject_cn for i in expiring_certificates(find_certificates(ws), now=later)} >= {"site-1", "ufm-test"}
     assert main(["kit", "expiry", str(ws), "--warn-days", "400"]) == 1
     assert "RENEW" in capsys.readouterr().out
+
+
+def test_kit_init_creates_the_membership_key_and_every_kit_carries_the_member_list_kit_check_shows(tmp_path, capsys):
+    """`kit init` -> each site enrols its own key -> the admin signs them in -> `kit check` lists every fingerprint;
+    `add-site` issues a kit with the current list, and the new site enrols the same way."""
+    from ultrafedfm.kit.membership import read_member_list
+    from ultrafedfm.kit.preflight import check_site_kit
+    from ultrafedfm.secagg import format_fingerprint
+
+    consortium = write_consortium(tmp_path, CONSORTIUM)
+    ws = tmp_path / "ws"
+    assert main(["kit", "init", "--consortium", str(consortium), "--workspace", str(ws)]) == 0
+    out = capsys.readouterr().out
+    membership = ws / "membership"
+    assert (membership / "membership_admin_key.pem").stat().st_mode & 0o077 == 0
+    first_list = read_member_list(membership / "members.json")
+    assert first_list.version == 1 and first_list.members == () and first_list.server == "localhost"
+    assert format_fingerprint(first_list.admin_fingerprint) in out and "kit enroll" in out
+    kits = ws / "ufm-test" / "prod_00"
+    for participant in ("site-1", "site-2", "localhost"):
+        assert (kits / participant / "local" / "members.json").read_bytes() == (membership / "members.json").read_bytes()
+    assert not list(kits.rglob("secagg_site_key.pem")) and not list(kits.rglob("*admin_key*"))  # no key in any kit
+    # Not enrolled yet: kit check says what to do.
+    [result] = [r for r in check_site_kit(kits / "site-1", check_data=False, timeout=0.5) if r.name == "membership"]
+    assert not result.ok and "secagg_site_key.pem" in result.message and "kit enroll" in result.message
+
+    for site in ("site-1", "site-2"):
+        assert main(["kit", "enroll", "--kit", str(kits / site)]) == 0
+        fingerprint = capsys.readouterr().out.split("fingerprint: ")[1].splitlines()[0]
+        assert main(["kit", "membership", "add", "--workspace", str(ws), "--fingerprint", fingerprint,
+                     "--request", str(kits / site / "local" / "secagg_enrollment.json")]) == 0
+    member_list = read_member_list(membership / "members.json")
+    for participant in ("site-1", "site-2", "localhost"):  # the admin sends the new list to every kit
+        (kits / participant / "local" / "members.json").write_bytes((membership / "members.json").read_bytes())
+    [result] = [r for r in check_site_kit(kits / "site-2", check_data=False, timeout=0.5) if r.name == "membership"]
+    assert result.ok, result.message
+    for member in member_list.members:
+        assert format_fingerprint(member.fingerprint) in result.message
+    assert format_fingerprint(member_list.admin_fingerprint) in result.message
+
+    capsys.readouterr()
+    assert main(["kit", "add-site", "--consortium", str(consortium), "--workspace", str(ws),
+                 "--name", "site-3", "--org", "h3", "--out", str(tmp_path / "kits")]) == 0
+    assert "site-3 is not a member yet" in capsys.readouterr().out
+    new_kit = tmp_path / "kits" / "site-3"
+    assert read_member_list(new_kit / "local" / "members.json") == member_list  # the current list, same admin key
+    assert (membership / "membership_admin_key.pem").is_file() and read_member_list(
+        membership / "members.json").admin_key == first_list.admin_key  # add-site never makes a new admin key

@@ -6,9 +6,12 @@
 Generates three non-IID synthetic ultrasound sites (DICOM), adds pydicom's real ultrasound
 test files to site-1, ingests every site into its local cache, and runs the tiny pretraining
 job in the NVIDIA FLARE simulator: one FLARE client per site, each training in its own
-process and sending back only its weight delta, masked by secure aggregation (the server
-unmasks only the sum; the simulation uses a throwaway CA for the sites' keys). Prints a line per round, then a table of the
-losses and the paths of the global model, the encoder and the logs.
+process and sending back only its masked update, with its loss and image count inside the mask
+(secure aggregation: the server unmasks only the sums; the simulated sites sign with their own
+keys, enrolled in a member list signed by a throwaway admin key). Prints the server's line per
+round (aggregates only), then a table of each site's own loss per round -- read from the figures
+each simulated site kept on its own disk, which the demo can do because it runs every site on
+this machine -- and the paths of the global model, the encoder and the logs.
 """
 from __future__ import annotations
 
@@ -96,7 +99,7 @@ def run_demo(
                       "; ".join(problems), run.result.returncode, run.result.server_log)
         _print_log_tail(run.result.server_log)
         return 1
-    _print_table(run.state.read_rounds(), names)
+    _print_table(run.state.read_rounds(), dict(zip(names, caches)), job=spec.name)
     print(f"\nfinished in {time.monotonic() - started:.0f} s")
     _print_paths(run)
     return 0
@@ -137,7 +140,7 @@ def _run_federation(out: Path, spec, caches: dict[str, Path], *, timeout_s: floa
         nonlocal printed
         rows = state.read_rounds()
         for row in rows[printed:]:
-            print(format_round_line(RoundStats(**row)), flush=True)
+            print("server: " + format_round_line(RoundStats.from_dict(row)), flush=True)
         printed = len(rows)
 
     print(f"running {spec.num_rounds} federated rounds over {len(caches)} sites in the FLARE simulator ...",
@@ -233,13 +236,25 @@ def _copy_pydicom_ultrasound(dest: Path) -> int:
     return count
 
 
-def _print_table(rows: list[dict], names: list[str]) -> None:
+def _print_table(rows: list[dict], caches: dict[str, Path], *, job: str) -> None:
+    """Per round: each site's own training loss, from the figures it kept on its own disk, and the server's
+    global loss (the only loss the server learns: a weighted mean decoded from the masked sum)."""
+    from ultrafedfm.federation.site_figures import read_site_figures, site_figures_path
+
+    own: dict[tuple[str, int], float] = {}
+    for name, cache in caches.items():
+        for figures in read_site_figures(site_figures_path(cache)):
+            if figures.job == job:
+                own[(name, figures.round)] = figures.loss  # a re-run round: its last record
+    names = list(caches)
+    print("\nloss per round: each site's own figure, read from the site's disk (<cache>/privacy/round_figures.jsonl;")
+    print("never sent: the demo runs every site on this machine); 'global' is all the server learned")
     header = ["round", *names, "global"]
-    print("\n" + "  ".join(f"{h:>9}" for h in header))
+    print("  ".join(f"{h:>9}" for h in header))
     for row in rows:
         cells = [f"{row['round'] + 1:>9}"]
         for name in names:
-            loss = row["loss"].get(name)
+            loss = own.get((name, row["round"])) if name in row["participants"] else None
             cells.append(f"{loss:>9.4f}" if loss is not None else f"{'failed':>9}")
         g = row["global_loss"]
         cells.append(f"{g:>9.4f}" if g is not None else f"{'skipped':>9}")

@@ -1,4 +1,10 @@
-"""``ultrafedfm kit``: provision a consortium, add a site, check a site, list certificate expiry."""
+"""``ultrafedfm kit``: provision a consortium, add a site, check a site, list certificate expiry.
+
+``kit init`` also creates the project admin's secure-aggregation membership key and the signed
+member list (``<workspace>/membership/``); every kit carries the current ``members.json``. Sites
+enrol their own keys with ``kit enroll`` and the admin adds them with ``kit membership add``
+(``ultrafedfm.cli.kit_members``); ``kit check`` prints every member's fingerprint.
+"""
 from __future__ import annotations
 
 import argparse
@@ -58,7 +64,26 @@ def _init(args: argparse.Namespace) -> int:
     print(f"root CA SHA-256: {result.root_ca_sha256}  (send it to every site by a second channel)")
     for name, path in sorted(result.kits.items()):
         print(f"  {name:30s} {path}")
+    _print_membership(result)
+    print("Next, for secure aggregation: each site's IT runs `ultrafedfm kit enroll --kit KIT` and sends you its "
+          "secagg_enrollment.json and, by phone, its fingerprint; you run `ultrafedfm kit membership add --workspace "
+          f"{args.workspace} --request FILE --fingerprint FP` for each, then send the new members.json to every "
+          "site and the server for their local/ folder.")
     return 0
+
+
+def _print_membership(result) -> None:
+    from ultrafedfm.kit.membership import read_member_list
+    from ultrafedfm.secagg.signing import format_fingerprint
+
+    member_list = read_member_list(result.members)
+    print(f"member list: {result.members} (v{member_list.version}, {len(member_list.members)} member sites; a copy "
+          "is in every kit's local/)")
+    print(f"membership admin key fingerprint: {format_fingerprint(member_list.admin_fingerprint)}  (give it to "
+          "every site by a second channel: their kit check shows it)")
+    if result.membership_key is not None:
+        print(f"membership key: {result.membership_key} (0600; created now). Whoever holds it can add members: "
+              "keep it offline (e.g. on removable media) and pass --key to `kit membership add`.")
 
 
 def _add_site(args: argparse.Namespace) -> int:
@@ -74,6 +99,10 @@ def _add_site(args: argparse.Namespace) -> int:
     print(f"{args.consortium} now lists {len(updated.sites)} sites. Copy the new server allow-list "
           f"(<newest prod_NN>/{updated.server.host}/local/consortium.json under {server_allow_list}) "
           "to the server's local/ folder; no other kit changes.")
+    print(f"Secure aggregation: {args.name} is not a member yet. Its IT runs `ultrafedfm kit enroll --kit <its kit>` "
+          "and sends you secagg_enrollment.json and, by phone, its fingerprint; you run `ultrafedfm kit membership "
+          f"add --workspace {args.workspace} --request FILE --fingerprint FP` and send the new members.json to "
+          "every site and the server (each site pins the new member and logs its fingerprint).")
     return 0
 
 

@@ -3,12 +3,14 @@
 :class:`RoundContext` is what an aggregation strategy (``federation.aggregation``) works with:
 :meth:`~RoundContext.ask` sends one task through the exchange and returns only the usable
 replies (a refusal, a failure or a missing answer drops the site, with its reason, in one
-place); :meth:`~RoundContext.apply` adds the weighted mean delta to the global model and sets
-the round's global loss; :meth:`~RoundContext.skip` leaves the model unchanged and says why.
+place); :meth:`~RoundContext.apply` adds the weighted mean delta to the global model and records
+the round's aggregate figures (weighted mean loss, total images and steps: never a site's own);
+:meth:`~RoundContext.skip` leaves the model unchanged and says why.
 """
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -17,6 +19,7 @@ from ultrafedfm.federation.exchange import Exchange, SiteReply, TaskRequest
 from ultrafedfm.federation.fedavg import apply_delta
 from ultrafedfm.federation.job_spec import JobSpec
 from ultrafedfm.federation.stats import RoundStats
+from ultrafedfm.secagg.figures import AggregateFigures
 
 _logger = logging.getLogger(__name__)
 
@@ -24,12 +27,17 @@ __all__ = ["RoundContext"]
 
 
 class RoundContext:
-    """State of one round on the server, shared by the phases of its aggregation strategy."""
+    """State of one round on the server, shared by the phases of its aggregation strategy.
+
+    ``run_dir`` is the run's folder outside the job workspace (``RunState.dir``), where a strategy
+    may keep what must survive a server restart (secure aggregation's survivor set).
+    """
 
     def __init__(self, *, job: JobSpec, round_index: int, params: dict[str, np.ndarray], targets: Sequence[str],
-                 exchange: Exchange, job_id: str):
+                 exchange: Exchange, job_id: str, run_dir: Path | None = None):
         self.job = job
         self.job_id = job_id
+        self.run_dir = Path(run_dir) if run_dir is not None else None
         self.params = params
         self.exchange = exchange
         self.contract = job.training_contract()
@@ -80,19 +88,15 @@ class RoundContext:
             self.stats.failed.setdefault(site, f"{task_name}: {reason}")
             _logger.warning("%s: site %s failed in %s: %s", self.label, site, task_name, reason)
 
-    def record_site(self, site: str, *, loss: float, num_samples: int, train_seconds: float) -> None:
-        """Per-site figures of an accepted update (shown in the round's statistics)."""
-        self.stats.loss[site] = loss
-        self.stats.num_samples[site] = num_samples
-        self.stats.train_seconds[site] = train_seconds
-
-    def apply(self, mean_delta: Mapping[str, np.ndarray], *, participants: Sequence[str]) -> None:
-        """Global model += ``mean_delta``; the global loss is the participants' sample-weighted mean loss."""
+    def apply(self, mean_delta: Mapping[str, np.ndarray], *, participants: Sequence[str],
+              figures: AggregateFigures) -> None:
+        """Global model += ``mean_delta``; the round's statistics get the participants' aggregate ``figures``."""
         stats = self.stats
         self.new_params = apply_delta(self.params, mean_delta)
         stats.participants = sorted(participants)
-        weights = [stats.num_samples[s] for s in stats.participants]
-        stats.global_loss = float(np.average([stats.loss[s] for s in stats.participants], weights=weights))
+        stats.global_loss = float(figures.loss) if np.isfinite(figures.loss) else None
+        stats.total_images = int(figures.num_samples)
+        stats.total_steps = int(figures.steps)
         stats.applied = True
 
     def skip(self, message: str) -> None:

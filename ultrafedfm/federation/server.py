@@ -5,7 +5,8 @@ workspace, so a resubmitted job continues a run a killed server left), an aggreg
 and an :data:`~ultrafedfm.federation.exchange.Exchange`. Each round it builds a
 :class:`~ultrafedfm.federation.rounds.RoundContext` for the connected sites, lets the strategy
 run it, then saves the checkpoint and the round's statistics before the next round starts: a
-round is either fully saved or not at all. At the end it exports the final model and encoder.
+round is either fully saved or not at all. The statistics are aggregates only (no site's loss,
+image count or time: ``federation.stats``). At the end it exports the final model and encoder.
 The FLARE controller (``ultrafedfm.flare.server.controller``) is this plus FLARE's transport.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ultrafedfm.federation.job_spec import JobSpec
 from ultrafedfm.federation.model_io import export_final_model, model_params
 from ultrafedfm.federation.rounds import RoundContext
 from ultrafedfm.federation.run_state import RunCheckpoint, RunState
-from ultrafedfm.federation.stats import RunProgress, TensorBoardSink, format_round_line
+from ultrafedfm.federation.stats import PER_SITE_KEYS, RunProgress, TensorBoardSink, format_round_line
 
 _logger = logging.getLogger(__name__)
 
@@ -68,7 +69,8 @@ class FederatedRun:
                     return False
                 self.progress.current_round, self.progress.phase = round_index, self.aggregation.name
                 ctx = RoundContext(job=self.job, round_index=round_index, params=checkpoint.params,
-                                   targets=connected_sites(), exchange=self.exchange, job_id=self.job_id)
+                                   targets=connected_sites(), exchange=self.exchange, job_id=self.job_id,
+                                   run_dir=self.state.dir)
                 start = time.monotonic()
                 self.aggregation.run_round(ctx)
                 if aborted():
@@ -102,6 +104,8 @@ class FederatedRun:
             raise RuntimeError(
                 f"run '{job.effective_run_name}' in {state.dir} holds a different model than this job "
                 f"({job.preset}, {job.img_size} px); use another run_name")
+        # A run saved by an older version may hold per-site figures in its history: keep aggregates only.
+        checkpoint.history = [{k: v for k, v in row.items() if k not in PER_SITE_KEYS} for row in checkpoint.history]
         state.rewrite_rounds(checkpoint.history)
         _logger.info("resuming run '%s' from %s: rounds 1..%d done, continuing with round %d/%d",
                      job.effective_run_name, state.dir, checkpoint.next_round, checkpoint.next_round + 1,
@@ -113,7 +117,7 @@ class FederatedRun:
         is_best = False
         if stats.applied:
             checkpoint.params = ctx.new_params
-            if checkpoint.best_loss is None or stats.global_loss < checkpoint.best_loss:
+            if stats.global_loss is not None and (checkpoint.best_loss is None or stats.global_loss < checkpoint.best_loss):
                 checkpoint.best_loss, checkpoint.best_round, is_best = stats.global_loss, stats.round, True
         # A round without enough sites still moves the schedule on; it is recorded as not applied.
         checkpoint.last_completed_round = stats.round

@@ -39,6 +39,8 @@ class SiteRoundFigures:
         clipped_coordinates: coordinates the secure-aggregation encoding clipped (0 expected; reported).
         epsilon / delta / noise_multiplier / accountant: this job's DP spend after the round (``None``: DP off).
         epsilon_lifetime: the site's lifetime epsilon after the round (``None``: DP off).
+        generator_seed: the seed of the round's data order, MAE masks and degradations (with secure
+            aggregation it mixes in fresh entropy, so only this record can reproduce the round).
         recorded_at: UTC time the line was written.
     """
 
@@ -56,6 +58,7 @@ class SiteRoundFigures:
     noise_multiplier: float | None = None
     accountant: str | None = None
     epsilon_lifetime: float | None = None
+    generator_seed: int | None = None
     recorded_at: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
 
 

@@ -1,30 +1,39 @@
-"""Per-round statistics of a pretraining run: one record, three sinks (no FLARE import).
+"""Per-round statistics of a pretraining run: one record of aggregates, three sinks (no FLARE import).
 
 The server's run (``federation.server``) fills one :class:`RoundStats` per round. It is
-appended to the run's ``rounds.jsonl``, written to TensorBoard, and kept as the last round of
-the run's :class:`RunProgress`, which the FLARE controller hands to FLARE's info collector:
-what ``nvflare job stats`` and the admin console's ``show_stats JOB server`` print while the
-job runs.
+appended to the run's ``rounds.jsonl`` (and the checkpoint's history), written to TensorBoard,
+and kept as the last round of the run's :class:`RunProgress`, which the FLARE controller hands
+to FLARE's info collector: what ``nvflare job stats`` and the admin console's ``show_stats JOB
+server`` print while the job runs.
+
+Only aggregates: with secure aggregation the server learns a round's weighted mean loss, total
+images and total steps from the unmasked sum and nothing per site; a plain FedAvg round is
+recorded the same way. Which sites took part and why a site failed are kept (the server knows
+them anyway). Each site keeps its own figures on its own disk (``federation.site_figures``).
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["RoundStats", "RunProgress", "TensorBoardSink", "format_round_line"]
+__all__ = ["PER_SITE_KEYS", "RoundStats", "RunProgress", "TensorBoardSink", "format_round_line"]
+
+# Per-site figures older versions kept in a round's record; dropped wherever such a record is read.
+PER_SITE_KEYS = ("loss", "num_samples", "train_seconds")
 
 
 @dataclass
 class RoundStats:
-    """What happened in one round.
+    """What happened in one round, as aggregates.
 
-    ``train_seconds`` is each site's own measure of its training time (the federation
-    benchmark compares the slowest of them with ``duration_s``). ``bytes_received`` counts the
-    payload of the accepted updates (parameter bytes), not FLARE's framing.
+    ``global_loss`` is the participants' image-weighted mean training loss, ``total_images`` and
+    ``total_steps`` their sums (``None`` when the round aggregated nothing). ``failed`` names each
+    site that dropped out and why. ``bytes_received`` counts the payload of the accepted updates
+    (parameter bytes), not FLARE's framing.
     """
 
     round: int
@@ -33,10 +42,9 @@ class RoundStats:
     targets: list[str]
     participants: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
-    loss: dict[str, float] = field(default_factory=dict)
-    num_samples: dict[str, int] = field(default_factory=dict)
-    train_seconds: dict[str, float] = field(default_factory=dict)
     global_loss: float | None = None
+    total_images: int | None = None
+    total_steps: int | None = None
     bytes_received: int = 0
     duration_s: float = 0.0
     applied: bool = False
@@ -44,6 +52,12 @@ class RoundStats:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, row: dict[str, Any]) -> "RoundStats":
+        """A record of ``rounds.jsonl``; per-site figures of older versions are dropped."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in row.items() if k in known})
 
 
 @dataclass
@@ -74,8 +88,9 @@ class RunProgress:
                 "round": last.round + 1,
                 "participants": last.participants,
                 "failed": last.failed,
-                "loss": last.loss,
                 "global_loss": last.global_loss,
+                "total_images": last.total_images,
+                "total_steps": last.total_steps,
                 "bytes_received": last.bytes_received,
                 "duration_s": round(last.duration_s, 2),
                 "applied": last.applied,
@@ -84,11 +99,12 @@ class RunProgress:
 
 
 def format_round_line(stats: RoundStats) -> str:
-    """One progress line, e.g. ``round 2/3  sites 3/3  loss 0.8123  lr 9.4e-05  4.1 s``."""
+    """One progress line of aggregates, e.g. ``round 2/3  sites 3/3  loss 0.8123  images 120  lr 9.4e-05  4.1 s``."""
     loss = f"{stats.global_loss:.4f}" if stats.global_loss is not None else "  n/a "
+    images = stats.total_images if stats.total_images is not None else "n/a"
     line = (
         f"round {stats.round + 1}/{stats.num_rounds}  sites {len(stats.participants)}/{len(stats.targets)}"
-        f"  loss {loss}  lr {stats.lr:.2e}  {stats.duration_s:.1f} s"
+        f"  loss {loss}  images {images}  lr {stats.lr:.2e}  {stats.duration_s:.1f} s"
     )
     if stats.failed:
         line += "  failed: " + "; ".join(f"{k}: {v}" for k, v in sorted(stats.failed.items()))
@@ -98,7 +114,7 @@ def format_round_line(stats: RoundStats) -> str:
 
 
 class TensorBoardSink:
-    """TensorBoard scalars on the server, one step per round."""
+    """TensorBoard scalars on the server, one step per round (aggregates only)."""
 
     def __init__(self, log_dir: str | Path):
         from torch.utils.tensorboard import SummaryWriter  # deferred: tensorboard import is slow
@@ -110,8 +126,10 @@ class TensorBoardSink:
         w = self._writer
         if stats.global_loss is not None:
             w.add_scalar("loss/global", stats.global_loss, step)
-        for site, loss in stats.loss.items():
-            w.add_scalar(f"loss/{site}", loss, step)
+        if stats.total_images is not None:
+            w.add_scalar("round/images", stats.total_images, step)
+        if stats.total_steps is not None:
+            w.add_scalar("round/steps", stats.total_steps, step)
         w.add_scalar("round/lr", stats.lr, step)
         w.add_scalar("round/participants", len(stats.participants), step)
         w.add_scalar("round/duration_s", stats.duration_s, step)

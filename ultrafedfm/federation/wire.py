@@ -6,7 +6,9 @@ A protocol message is its canonical ``ultrafedfm.secagg.to_bytes`` serialisation
 ``uint8`` array under :data:`SECAGG_KEY`; the masked ``uint32`` vector travels inside those
 bytes, so it arrives bit-exact. Per-site messages from the server (the share deliveries) go to
 every site in one task under ``SECAGG_KEY + "/" + site``: they are AES-GCM ciphertexts only the
-addressed site can open. No FLARE import: the site and the server share this module.
+addressed site can open. The round context the sites sign (model hash, lr, training settings)
+travels in the key-advertisement task's meta under :data:`ROUND_CONTEXT_KEY`. No FLARE import:
+the site and the server share this module.
 """
 from __future__ import annotations
 
@@ -21,9 +23,10 @@ from ultrafedfm.secagg.messages import Message
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["SECAGG_KEY", "message_from_params", "message_to_array", "site_key", "split_params"]
+__all__ = ["ROUND_CONTEXT_KEY", "SECAGG_KEY", "message_from_params", "message_to_array", "site_key", "split_params"]
 
 SECAGG_KEY = "__secagg__"
+ROUND_CONTEXT_KEY = "round_context"
 
 
 def site_key(site: str) -> str:

@@ -141,9 +141,13 @@ def is_signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
 
 
 def find_certificates(root: str | Path) -> list[Path]:
-    """Every certificate file (*.crt, *.pem) below ``root``."""
+    """Every certificate file (*.crt, *.pem holding a certificate) below ``root``.
+
+    PEM files that hold a key (a site's ``secagg_site_key.pem``, the admin's membership key) are skipped.
+    """
     root = Path(root)
-    return sorted(p for p in root.rglob("*") if p.suffix in (".crt", ".pem") and p.is_file())
+    return sorted(p for p in root.rglob("*") if p.suffix in (".crt", ".pem") and p.is_file()
+                  and b"-----BEGIN CERTIFICATE-----" in p.read_bytes())
 
 
 def expiring_certificates(

@@ -9,6 +9,9 @@ problem at once:
 - ``root CA``: ``rootCA.pem`` is the consortium's (fingerprint sent by a second channel, or the
   kit's ``local/consortium.json``) and has not expired;
 - ``server``: one mutual-TLS handshake with the server named in ``fed_client.json``;
+- ``membership``: this site's secure-aggregation signing key, the admin-signed member list in
+  ``local/members.json`` against the site's pins, and every member's fingerprint, printed so that
+  hospitals compare them out of band (``ultrafedfm.kit.enroll.membership_check``; nothing is written);
 - ``site.yaml``, ``data``, ``resources``: the site's own configuration, that it has training
   images (a filled cache, or a DICOM folder one of whose files ingests) and the resources it declares.
 """
@@ -62,6 +65,7 @@ def check_site_kit(
     results.append(_check_certificate(startup, site_name))
     results.append(_check_ca(kit, startup, expected_ca_sha256))
     results.append(_check_server(startup, host, int(port), identity, timeout, own_validity=_own_validity(startup)))
+    results.append(_check_membership(kit))
     if check_data:
         results += _check_data(site_config or kit / "local" / "site.yaml", site_name)
     return results
@@ -167,6 +171,13 @@ def _check_server(startup: Path, host: str, port: int, identity: str, timeout: f
         advice = (f"the server at {where} rejected this site's certificate ({result.detail}); client.crt "
                   f"{own_validity.text}, which explains it: see the certificate check")
     return CheckResult("server", False, advice)
+
+
+def _check_membership(kit: Path) -> CheckResult:
+    from ultrafedfm.kit.enroll import membership_check  # deferred: cryptography only when checking
+
+    ok, lines = membership_check(kit)
+    return CheckResult("membership", ok, "\n    ".join(lines))
 
 
 def _check_data(config_path: Path, site_name: str) -> list[CheckResult]:

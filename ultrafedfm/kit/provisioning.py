@@ -5,6 +5,14 @@
 Adding a site re-runs it with the new site and copies out only that site's kit: every other
 kit stays as issued, and the root CA is checked to be unchanged (re-provisioning that silently
 replaces the CA is the classic way to lock every hospital out).
+
+Secure aggregation's member list is not FLARE's: the first provisioning also creates the project
+admin's *membership key* and version 1 of the signed ``members.json`` (no member yet) in
+``<workspace>/membership/`` (``ultrafedfm.kit.membership.init_membership``), and the kit builder
+copies the current ``members.json`` into every kit. Sites then enrol their own keys
+(``ultrafedfm kit enroll``; the admin runs ``ultrafedfm kit membership add``) and the admin sends
+the new list to every kit. The membership key may be moved off the workspace machine: provisioning
+needs only ``members.json``.
 """
 from __future__ import annotations
 
@@ -20,10 +28,14 @@ import yaml
 
 from ultrafedfm.kit.certs import ca_fingerprint
 from ultrafedfm.kit.consortium import ConsortiumConfig, SiteSpec, add_site, project_dict
+from ultrafedfm.kit.membership import MEMBERS_FILE, init_membership
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["ProvisionResult", "add_site_kit", "default_template_dir", "project_yaml", "provision_consortium"]
+__all__ = ["MEMBERSHIP_DIR", "ProvisionResult", "add_site_kit", "default_template_dir", "ensure_membership",
+           "project_yaml", "provision_consortium"]
+
+MEMBERSHIP_DIR = "membership"  # <workspace>/membership/: what `ultrafedfm kit membership ...` reads and writes
 
 FLARE_BUILDERS = [
     {"path": "nvflare.lighter.impl.workspace.WorkspaceBuilder"},
@@ -36,6 +48,8 @@ class ProvisionResult:
     kits_dir: Path  # folder holding one kit per participant (this provisioning's prod_NN)
     root_ca_sha256: str
     kits: dict[str, Path]
+    members: Path | None = None  # the member list copied into every kit (<workspace>/membership/members.json)
+    membership_key: Path | None = None  # the admin's membership key, when this provisioning created it
 
 
 def default_template_dir() -> Path:
@@ -43,21 +57,38 @@ def default_template_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "site_templates"
 
 
-def project_yaml(config: ConsortiumConfig, *, template_dir: str | Path) -> str:
-    """FLARE's project.yml for ``config``: FLARE's builders, then our site-kit builder."""
-    return yaml.safe_dump(project_dict(config, builders=_builders(config, template_dir)), sort_keys=False)
+def project_yaml(config: ConsortiumConfig, *, template_dir: str | Path, members_file: str | Path | None = None) -> str:
+    """FLARE's project.yml for ``config``: FLARE's builders, then our site-kit builder (which copies
+    ``members_file`` into every kit)."""
+    return yaml.safe_dump(project_dict(config, builders=_builders(config, template_dir, members_file)), sort_keys=False)
 
 
-def _builders(config: ConsortiumConfig, template_dir: str | Path) -> list[dict]:
+def _builders(config: ConsortiumConfig, template_dir: str | Path, members_file: str | Path | None) -> list[dict]:
+    kit_args = {"template_dir": str(template_dir), "server_store_dir": config.server.store_dir}
+    if members_file is not None:
+        kit_args["members_file"] = str(members_file)
     return [
         *FLARE_BUILDERS,
         {"path": "nvflare.lighter.impl.cert.CertBuilder", "args": {"root_valid_days": config.cert_valid_days}},
         {"path": "nvflare.lighter.impl.signature.SignatureBuilder"},
-        {
-            "path": "ultrafedfm.flare.deploy.kit_builder.SiteKitBuilder",
-            "args": {"template_dir": str(template_dir), "server_store_dir": config.server.store_dir},
-        },
+        {"path": "ultrafedfm.flare.deploy.kit_builder.SiteKitBuilder", "args": kit_args},
     ]
+
+
+def ensure_membership(config: ConsortiumConfig, *, workspace: Path) -> tuple[Path, Path | None]:
+    """``<workspace>/membership/members.json``, created with the admin's membership key the first time.
+
+    Returns (member list, key path if created now, else ``None``). An existing list (perhaps with its
+    key moved elsewhere) is kept as it is.
+    """
+    folder = Path(workspace) / MEMBERSHIP_DIR
+    members = folder / MEMBERS_FILE
+    if members.is_file():
+        return members, None
+    folder.mkdir(parents=True, exist_ok=True)
+    key, members = init_membership(folder, consortium=config.name, server=config.server.host)
+    _logger.info("membership key %s (0600) and member list v1 %s created", key, members)
+    return members, key
 
 
 def provision_consortium(
@@ -67,8 +98,9 @@ def provision_consortium(
     template_dir = (template_dir or default_template_dir()).resolve()
     workspace = workspace.resolve()
     workspace.mkdir(parents=True, exist_ok=True)
+    members, created_key = ensure_membership(config, workspace=workspace)
     project_file = workspace / "project.yml"
-    project_file.write_text(project_yaml(config, template_dir=template_dir))
+    project_file.write_text(project_yaml(config, template_dir=template_dir, members_file=members))
     before = set(_prod_dirs(workspace, config.name))
     cmd = [sys.executable, "-m", "nvflare.cli", "provision", "-p", str(project_file), "-w", str(workspace), "--force"]
     proc = subprocess.run(cmd, cwd=workspace, capture_output=True, text=True, env=_env())
@@ -81,7 +113,8 @@ def provision_consortium(
     kits = {p.name: p for p in kits_dir.iterdir() if p.is_dir()}
     fingerprint = ca_fingerprint(kits[config.server.host] / "startup" / "rootCA.pem")
     _logger.info("provisioned %d kits in %s (root CA %s...)", len(kits), kits_dir, fingerprint[:16])
-    return ProvisionResult(kits_dir=kits_dir, root_ca_sha256=fingerprint, kits=kits)
+    return ProvisionResult(kits_dir=kits_dir, root_ca_sha256=fingerprint, kits=kits, members=members,
+                           membership_key=created_key)
 
 
 def add_site_kit(

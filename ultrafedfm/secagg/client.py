@@ -148,6 +148,8 @@ class SecAggClient:
         self._revealed: dict[str, str] = {}  # peer -> "self_mask" | "mask_key"
         self._advert: AdvertiseKeys | None = None
         self._signed_list: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+        # Coordinates of weight*delta the last mask_input clipped to [-clip, clip] (the site records it).
+        self.clipped_coordinates: int | None = None
 
     @property
     def threshold(self) -> int:
@@ -296,6 +298,7 @@ class SecAggClient:
         if clipped:
             _logger.warning("site %s: %d of %d coordinates of weight*delta exceeded clip=%g and were clipped; "
                             "raise secagg clip if this is frequent", self.site, clipped, d, cfg.clip)
+        self.clipped_coordinates = clipped
         self._self_mask_seed = b""  # its shares are with the peers now
         self.ledger.record_masked_input(job_id=self.job_id, round_number=self.round)
         return MaskedInput(sender=self.site, job_id=self.job_id, round=self.round, masked=masked)

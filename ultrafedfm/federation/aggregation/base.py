@@ -1,4 +1,4 @@
-"""The aggregation interface, the vetting every site update goes through, and the job's choice of strategy."""
+"""The aggregation interface, the vetting every site reply goes through, and the job's choice of strategy."""
 from __future__ import annotations
 
 import logging
@@ -9,15 +9,15 @@ import numpy as np
 
 from ultrafedfm.federation.exchange import SiteReply
 from ultrafedfm.federation.job_spec import JobSpec
+from ultrafedfm.federation.wire import SECAGG_KEY
 
 if TYPE_CHECKING:
-    from cryptography import x509
-
     from ultrafedfm.federation.rounds import RoundContext
+    from ultrafedfm.secagg import Membership
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["Aggregation", "make_aggregation", "vet_delta", "vet_update_meta"]
+__all__ = ["Aggregation", "make_aggregation", "vet_delta", "vet_protocol_reply", "vet_update_meta"]
 
 
 class Aggregation(ABC):
@@ -34,11 +34,35 @@ class Aggregation(ABC):
         """Run one round's phases over ``ctx``."""
 
 
+def vet_protocol_reply(reply: SiteReply) -> str | None:
+    """Why a secure-aggregation reply carries more than its one protocol message, or ``None``.
+
+    Only the masked payload (or a protocol message) may leave a site: a reply with any other
+    parameter, any metric or any meta value of the site's own is refused, so that nothing per
+    site can reach the server's records beside the mask. (The transport's own fields -- FLARE's
+    client name, job id, round -- are removed by the adapter before the reply gets here.)
+    """
+    params = reply.params or {}
+    extra = sorted(set(params) - {SECAGG_KEY})
+    if extra:
+        return f"the reply carries {extra[:3]} beside the secure-aggregation message; only masked values may leave a site"
+    if SECAGG_KEY not in params:
+        return "the reply carries no secure-aggregation message"
+    if reply.metrics:
+        return f"the reply carries metrics {sorted(reply.metrics)[:3]} in the clear; only masked values may leave a site"
+    if reply.meta:
+        return f"the reply carries {sorted(reply.meta)[:3]} in the clear; only masked values may leave a site"
+    return None
+
+
 def vet_update_meta(reply: SiteReply) -> str | None:
-    """Why a training reply's bookkeeping (image count, loss) is unusable, or ``None``."""
+    """Why a plain training reply's bookkeeping (image count, steps, loss) is unusable, or ``None``."""
     num_samples = reply.meta.get("num_samples")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
         return f"missing or invalid num_samples: {num_samples!r}"
+    steps = reply.meta.get("steps")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        return f"missing or invalid steps: {steps!r}"
     loss = (reply.metrics or {}).get("loss")
     if loss is None:
         return "no loss in the metrics"
@@ -66,11 +90,11 @@ def vet_delta(reply: SiteReply, global_params: Mapping[str, np.ndarray]) -> str 
     return None
 
 
-def make_aggregation(job: JobSpec, *, root_ca: Callable[[], "x509.Certificate"]) -> Aggregation:
-    """The job's strategy; ``root_ca`` loads the project CA the sites' keys are checked against."""
+def make_aggregation(job: JobSpec, *, members: Callable[[], "Membership"]) -> Aggregation:
+    """The job's strategy; ``members`` loads the consortium's member list (re-read every round)."""
     from ultrafedfm.federation.aggregation.fedavg import PlainFedAvg
     from ultrafedfm.federation.aggregation.secure import SecureAggregation
 
     if job.secure_aggregation:
-        return SecureAggregation(config=job.secagg_config(), root_ca=root_ca)
+        return SecureAggregation(config=job.secagg_config(), members=members)
     return PlainFedAvg()

@@ -4,15 +4,19 @@ Runs after FLARE's own builders (``nvflare provision`` with our project.yml). Fo
 writes into the kit's ``local/`` folder: the filled-in ``site.yaml``, ``privacy.json``,
 ``authorization.json``, ``resources.json`` (FLARE's default with our overlay applied),
 ``consortium.json`` (the consortium's name, server, site allow-list and root-CA fingerprint, which
-``ultrafedfm kit check`` compares against) and ``README.md`` for the hospital's IT. The server kit
-gets ``consortium.json`` (its allow-list, enforced at registration by
-:class:`ultrafedfm.flare.server.allow_list.ConsortiumAllowList`) and job/snapshot stores inside its own workspace
-instead of FLARE's shared ``/tmp/nvflare`` default.
+``ultrafedfm kit check`` compares against), the consortium's current ``members.json`` (the member
+list the project admin's membership key signed; a new kit's own site is enrolled after it ran
+``ultrafedfm kit enroll``, and the admin then sends every kit the new list) and ``README.md`` for
+the hospital's IT. The server kit gets ``consortium.json`` (its allow-list, enforced at
+registration by :class:`ultrafedfm.flare.server.allow_list.ConsortiumAllowList`), the same
+``members.json`` and job/snapshot stores inside its own workspace instead of FLARE's shared
+``/tmp/nvflare`` default. No private key of any kind is written by this builder.
 """
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import string
 from pathlib import Path
 from typing import Any
@@ -27,22 +31,29 @@ _logger = logging.getLogger(__name__)
 __all__ = ["SiteKitBuilder"]
 
 SITE_FILES = ("site.yaml", "privacy.json", "authorization.json")
+MEMBERS_FILE = "members.json"  # ultrafedfm.kit.membership.MEMBERS_FILE (not imported: this builder stays light)
 RESOURCES_OVERLAY = "resources.json"
 KIT_README = "README_KIT.md"
 
 
 class SiteKitBuilder(Builder):
     """Args (from project.yml): ``template_dir`` — a folder laid out like ``site_templates/``;
-    ``server_store_dir`` — absolute path on the server machine for its job and snapshot stores."""
+    ``server_store_dir`` — absolute path on the server machine for its job and snapshot stores;
+    ``members_file`` — the consortium's signed ``members.json`` (``<workspace>/membership/``),
+    copied into every kit's ``local/`` (``None``: none is copied)."""
 
-    def __init__(self, template_dir: str, server_store_dir: str = "/var/lib/ultrafedfm"):
+    def __init__(self, template_dir: str, server_store_dir: str = "/var/lib/ultrafedfm", members_file: str | None = None):
         self.template_dir = Path(template_dir)
         self.server_store_dir = server_store_dir
+        self.members_file = members_file
 
     def initialize(self, project: Project, ctx: ProvisionContext) -> None:
         missing = [n for n in (*SITE_FILES, RESOURCES_OVERLAY, KIT_README) if not (self.template_dir / n).is_file()]
         if missing:
             raise ValueError(f"site template folder {self.template_dir} lacks {', '.join(missing)}")
+        if self.members_file is not None and not Path(self.members_file).is_file():
+            raise ValueError(f"member list {self.members_file} not found; `ultrafedfm kit init` creates it "
+                             "(`ultrafedfm kit membership init` on its own)")
 
     def build(self, project: Project, ctx: ProvisionContext) -> None:
         server = project.get_server()
@@ -77,6 +88,7 @@ class SiteKitBuilder(Builder):
         resources["components"].append({"id": "consortium_allow_list", "path": ALLOW_LIST_COMPONENT, "args": {}})
         _allow_classes(resources, [ALLOW_LIST_COMPONENT, *REQUIRED_CLASS_ALLOW_LIST])
         _write_json(local / "resources.json", resources)
+        self._copy_members(local)
 
     def _build_site(self, client, ctx: ProvisionContext, consortium: dict[str, Any]) -> None:
         local = Path(ctx.get_local_dir(client))
@@ -97,6 +109,11 @@ class SiteKitBuilder(Builder):
         resources = _merge_resources(resources, overlay)
         _allow_classes(resources, list(REQUIRED_CLASS_ALLOW_LIST))
         _write_json(local / "resources.json", resources)
+        self._copy_members(local)
+
+    def _copy_members(self, local: Path) -> None:
+        if self.members_file is not None:
+            shutil.copyfile(self.members_file, local / MEMBERS_FILE)
 
 
 def _fill(path: Path, values: dict[str, str]) -> str:

@@ -5,12 +5,15 @@ go into one ``site.yaml`` keyed by site name, next to a ``resources.json`` whose
 ``class_allow_list`` admits our workflow and FLARE's ``ClientAPIExecutor`` besides FLARE's
 defaults (``registry.REQUIRED_CLASS_ALLOW_LIST``).
 
-Secure aggregation needs certificates, which a simulation has no kits for: ``prepare_workspace``
-makes a SIMULATION-ONLY CA (``ultrafedfm.kit.identity.make_simulation_identities``) next to the
-workspace (``<workspace>.identities/``; the simulator wipes everything in the workspace but
-``local/`` and ``startup/``), puts its certificate at ``<workspace>/startup/rootCA.pem`` (the
-simulator copies ``startup/`` to the server and every site, where a kit has its root CA) and
-names each site's certificate and key in its ``identity:`` entry. A deployment uses its kits.
+Secure aggregation needs each site's own signing key and the consortium's signed member list,
+which a simulation has no kits and no hospital IT for: ``prepare_workspace`` makes SIMULATION-ONLY
+ones (``ultrafedfm.kit.simulation_members``: a key per site, a member list signed by a throwaway
+admin key that is never written) in a fresh folder per site next to the workspace
+(``<workspace>.secagg/<site>/``; the simulator wipes everything in the workspace but ``local/`` and
+``startup/``), names that folder as ``secagg_dir`` in each site's ``site.yaml`` entry (the site
+keeps its pins and contribution ledger there too) and puts the member list at
+``<workspace>/local/members.json``, which the simulator copies to the server's ``local/`` as a
+server kit has it. A deployment uses its kits and enrolled keys.
 
 We start ``nvflare.private.fed.app.simulator.simulator`` ourselves (what ``nvflare simulator``
 and ``FedJob.simulator_run`` do) so that we own its process group, and we end every process
@@ -22,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,12 +39,13 @@ import yaml
 from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
 
 from ultrafedfm.flare.registry import REQUIRED_CLASS_ALLOW_LIST
-from ultrafedfm.kit.identity import ROOT_CA_FILE, make_simulation_identities
+from ultrafedfm.kit.identity import LOCAL, server_members_path
+from ultrafedfm.kit.simulation_members import make_simulation_members
 from ultrafedfm.site_config import SITE_CONFIG_FILE
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["SimulationResult", "prepare_workspace", "run_simulation", "workspace_processes"]
+__all__ = ["SimulationResult", "prepare_workspace", "run_simulation", "secagg_folder", "workspace_processes"]
 
 SIMULATOR_MODULE = "nvflare.private.fed.app.simulator.simulator"
 SERVER_LOG = Path("server") / "log.txt"
@@ -58,28 +63,34 @@ class SimulationResult:
 
 
 def prepare_workspace(
-    workspace: str | Path, *, site_configs: Mapping[str, Mapping[str, Any]], simulation_identities: bool = True
+    workspace: str | Path, *, site_configs: Mapping[str, Mapping[str, Any]], simulation_members: bool = True
 ) -> Path:
     """Write ``local/site.yaml`` (one entry per site) and ``local/resources.json``; with
-    ``simulation_identities``, a simulation-only CA and site certificates (a site entry that
-    already has an ``identity:`` keeps it)."""
+    ``simulation_members``, fresh SIMULATION-ONLY site keys and member list (see the module doc;
+    a site entry that already names a ``secagg_dir`` keeps it). Returns the ``local/`` folder."""
     workspace = Path(workspace)
-    local = workspace / "local"
+    local = workspace / LOCAL
     local.mkdir(parents=True, exist_ok=True)
     sites = {name: {k: str(v) if isinstance(v, Path) else v for k, v in cfg.items()} for name, cfg in site_configs.items()}
-    if simulation_identities:
-        identity_dir = workspace.parent / f"{workspace.name}.identities"
-        entries = make_simulation_identities(identity_dir, sorted(sites))
-        startup = workspace / "startup"
-        startup.mkdir(parents=True, exist_ok=True)
-        (startup / ROOT_CA_FILE).write_bytes((identity_dir / ROOT_CA_FILE).read_bytes())
+    if simulation_members:
+        folder = secagg_folder(workspace)
+        # A new simulated consortium each time: keys pinned under an earlier throwaway admin key would refuse it.
+        shutil.rmtree(folder, ignore_errors=True)
+        files, members = make_simulation_members(folder, sorted(sites))
+        shutil.copyfile(members, server_members_path(local))
         for name, cfg in sites.items():
-            cfg.setdefault("identity", {k: v for k, v in entries[name].items() if k != "root_ca"})
+            cfg.setdefault("secagg_dir", str(files[name].signing_key.parent))
     (local / SITE_CONFIG_FILE).write_text(yaml.safe_dump({"sites": sites}, sort_keys=True), encoding="utf-8")
     allow = [*DEFAULT_CLASS_ALLOW_LIST, *REQUIRED_CLASS_ALLOW_LIST]
     resources = {"format_version": 2, "class_allow_list": allow}
     (local / "resources.json").write_text(json.dumps(resources, indent=2), encoding="utf-8")
     return local
+
+
+def secagg_folder(workspace: str | Path) -> Path:
+    """Where ``prepare_workspace`` keeps the simulated sites' secure-aggregation files (one folder per site)."""
+    workspace = Path(workspace)
+    return workspace.parent / f"{workspace.name}.secagg"
 
 
 def run_simulation(

@@ -5,8 +5,10 @@
 (``federation.aggregation``) and one :meth:`_exchange` function: a task out through
 ``send_model_and_wait``, the sites' ``FLModel`` results back as ``SiteReply`` objects. Rounds,
 vetting, secure aggregation, checkpoints and statistics all live in ``ultrafedfm.federation``;
-this module adds what only FLARE knows: connected sites, the job id, the abort signal, the run
-folder ``nvflare job download`` returns, and the admin console's ``show_stats``.
+this module adds what only FLARE knows: connected sites, the job id, the abort signal, the server
+kit's ``local/`` folder (where the consortium's ``members.json`` is), the run folder ``nvflare
+job download`` returns, and the admin console's ``show_stats``. It also removes FLARE's own fields
+(client name, job id, task props) from a result's meta before the core vets what the site sent.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_constant import FLMetaKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
@@ -28,7 +30,7 @@ from ultrafedfm.federation.job_spec import JobSpec
 from ultrafedfm.federation.run_state import RunState
 from ultrafedfm.federation.server import FederatedRun
 from ultrafedfm.federation.stats import RunProgress
-from ultrafedfm.kit.identity import load_server_root_ca
+from ultrafedfm.kit.identity import load_server_members
 
 _logger = logging.getLogger(__name__)
 
@@ -36,6 +38,11 @@ __all__ = ["MaePretrainController"]
 
 RUN_STATE_FOLDER = "ultrafedfm_runs"
 JOB_MODELS_FOLDER = "models"
+# What FLARE itself puts into a result's meta on the server side (ModelController, FLModelUtils):
+# the transport's, not the site's; the metrics' copy is vetted as the reply's metrics. Everything
+# else in the meta is the site's own and is vetted (tests/flare/test_flare_secagg_sim.py records it).
+FLARE_RESULT_META = frozenset({"client_name", "props", FLMetaKey.JOB_ID, FLMetaKey.SITE_NAME, FLMetaKey.VALIDATE_TYPE,
+                               FLMetaKey.INITIAL_METRICS})
 
 
 class MaePretrainController(ModelController):
@@ -56,11 +63,13 @@ class MaePretrainController(ModelController):
 
     def run(self) -> None:
         job = self._job
-        workspace_root = Path(self.engine.get_workspace().get_root_dir())
+        workspace = self.engine.get_workspace()
+        workspace_root = Path(workspace.get_root_dir())
+        local_dir = Path(workspace.get_site_config_dir())  # the server kit's local/
         state_root = Path(job.run_state_dir) if job.run_state_dir else workspace_root / RUN_STATE_FOLDER
         run = FederatedRun(
             job=job, state=RunState(state_root, job.effective_run_name),
-            aggregation=make_aggregation(job, root_ca=lambda: load_server_root_ca(workspace_root)),
+            aggregation=make_aggregation(job, members=lambda: load_server_members(local_dir)),
             exchange=self._exchange, job_id=self.fl_ctx.get_job_id(), progress=self.progress)
         finished = run.run(connected_sites=lambda: sorted(self.sample_clients()),
                            aborted=lambda: bool(self.abort_signal.triggered))
@@ -80,8 +89,8 @@ class MaePretrainController(ModelController):
         replies = {}
         for result in results:
             site = result.meta.get("client_name", "?")
-            replies[site] = SiteReply(site=site, params=result.params, meta=dict(result.meta),
-                                      metrics=dict(result.metrics or {}),
+            meta = {k: v for k, v in (result.meta or {}).items() if k not in FLARE_RESULT_META}
+            replies[site] = SiteReply(site=site, params=result.params, meta=meta, metrics=dict(result.metrics or {}),
                                       is_delta=result.params_type == ParamsType.DIFF)
         return ExchangeResult(replies=replies, errors=dict(self._round_errors))
 

@@ -33,9 +33,10 @@ def _send(reply: SiteReply, *, round_index: int) -> None:
     if reply.params is None:  # a failure: no params, its reason in meta
         flare.send(FLModel(params=None, current_round=round_index, metrics={}, meta=reply.meta))
         return
-    # DIFF, never FULL: the Client API would subtract the global model from a FULL result.
+    # DIFF, never FULL: the Client API would subtract the global model from a FULL result. A masked
+    # reply has no metrics and no meta: None, so that FLARE adds no (empty) metrics entry either.
     flare.send(FLModel(params=reply.params, params_type=ParamsType.DIFF, current_round=round_index,
-                       metrics=reply.metrics, meta=reply.meta))
+                       metrics=reply.metrics or None, meta=reply.meta))
 
 
 def main() -> int:
