@@ -111,7 +111,7 @@ def test_site_config_errors_name_file_and_key(tmp_path):
 def test_the_site_template_loads_as_a_site_config():
     template = Path(__file__).resolve().parents[2] / "site_templates" / "site.yaml"
     config = load_site_config(template)
-    assert config.privacy.require_secure_aggregation is True
+    assert config.privacy.require_secure_aggregation is True and config.privacy.min_sites == 3
     assert config.resources is not None and config.resources.min_free_disk_gb == 20
 
 
