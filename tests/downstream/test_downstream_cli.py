@@ -88,3 +88,20 @@ def test_classification_on_a_folder_without_label_column_names_the_column(tmp_pa
     code = main(["finetune", "--data", str(folder), "--task", "cls", "--out", str(tmp_path / "o"), *FAST])
     assert code == 2
     assert "no 'label' column" in caplog.text and "--task seg" in caplog.text
+
+
+def test_finetune_reads_a_site_cache_with_labels_and_masks(lesion_folder, tmp_path):
+    from ultrafedfm.data.ingest import ingest_image_folder
+    from ultrafedfm.data.ingest_config import IngestConfig
+    from ultrafedfm.data.labelled import load_labelled_cache
+
+    cache = tmp_path / "cache"
+    ingest_image_folder(source=lesion_folder, cache=cache, config=IngestConfig(image_size=32, workers=1),
+                        progress=False)
+    data = load_labelled_cache(cache, require="mask", progress=False)
+    assert data.classes == ("benign", "malignant", "normal") and len(data) == 72
+    assert int(data.has_mask.sum()) == 48  # normal frames have no mask
+    assert data.groups_derived and len(set(data.groups)) < len(data)  # re-exported frames are grouped
+    out = tmp_path / "ft"
+    assert main(["finetune", "--cache", str(cache), "--task", "seg", "--out", str(out), *FAST]) == 0
+    assert (out / "model.safetensors").is_file()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from ultrafedfm.data.labelled import load_labelled_folder, mean_hash, near_duplicate_groups
 from ultrafedfm.downstream.splits import grouped_split, label_fraction_subset

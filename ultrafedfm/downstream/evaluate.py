@@ -22,12 +22,11 @@ import torch
 import torch.nn as nn
 from PIL import Image
 from scipy import ndimage
-from sklearn.metrics import roc_auc_score
 
 from ultrafedfm.data.labelled import LabelledDataError, LabelledImages, LabelledView
 from ultrafedfm.downstream.augment import Shift, apply_shift
 from ultrafedfm.downstream.metrics import (
-    binary_auroc, bootstrap_ci, classification_metrics, rank_auroc, segmentation_case_metrics, summarise_segmentation,
+    binary_auroc, bootstrap_ci, classification_metrics, macro_auroc, segmentation_case_metrics, summarise_segmentation,
 )
 
 _logger = logging.getLogger(__name__)
@@ -96,15 +95,6 @@ def predict(model: nn.Module, view: LabelledView, *, batch_size: int = 64, devic
     return Predictions(task="seg", groups=view.groups, pred_masks=torch.cat(preds), masks=torch.cat(targets))
 
 
-def _macro_auroc(y: np.ndarray, p: np.ndarray, *, fast: bool = False) -> float:
-    """Mean one-vs-rest AUROC over the classes present (``fast`` for bootstrap resamples)."""
-    present = sorted(set(y.tolist()))
-    if len(present) < 2:
-        return math.nan
-    auroc = rank_auroc if fast else roc_auc_score
-    return float(np.mean([auroc(y == k, p[:, k]) for k in present]))
-
-
 def score(preds: Predictions, *, classes: Sequence[str] = (), positive: str | None = None,
           pairs: Sequence[tuple[str, str]] = (), n_boot: int = 1000, seed: int = 0) -> EvalResult:
     """Metrics of ``preds`` with cluster-bootstrap (by group) 95% intervals on the headline metrics.
@@ -116,7 +106,7 @@ def score(preds: Predictions, *, classes: Sequence[str] = (), positive: str | No
     if preds.task == "cls":
         y, p = preds.labels, preds.probs
         metrics = classification_metrics(y, p, classes, positive=positive, pairs=pairs)
-        stats = {"auroc_macro": lambda idx: _macro_auroc(y[idx], p[idx], fast=True),
+        stats = {"auroc_macro": lambda idx: macro_auroc(y[idx], p[idx], fast=True),
                  "accuracy": lambda idx: float((p[idx].argmax(1) == y[idx]).mean())}
         for key in [k for k in metrics if "_vs_" in k]:
             a, b = key.split("/", 1)[1].split("_vs_")

@@ -27,8 +27,8 @@ import torch.nn as nn
 
 from ultrafedfm.data.labelled import LabelledImages
 from ultrafedfm.downstream.augment import Shift
-from ultrafedfm.downstream.evaluate import EvalResult, _macro_auroc, evaluate_split, predict
-from ultrafedfm.downstream.metrics import segmentation_case_metrics
+from ultrafedfm.downstream.evaluate import EvalResult, evaluate_split, predict
+from ultrafedfm.downstream.metrics import macro_auroc, segmentation_case_metrics
 from ultrafedfm.downstream.splits import Split, label_fraction_subset
 from ultrafedfm.models.downstream import DownstreamSpec, EncoderWeights, build_downstream
 from ultrafedfm.train.finetune import FinetuneConfig, FitResult, fit
@@ -72,7 +72,7 @@ def _validator(data: LabelledImages, indices: np.ndarray, task: str, device: tor
         preds = predict(model, view, device=device)
         model.train()
         if task == "cls":
-            return _macro_auroc(preds.labels, preds.probs)
+            return macro_auroc(preds.labels, preds.probs)
         dice = segmentation_case_metrics(preds.pred_masks.float(), preds.masks.float())["dice"]
         return float(np.nanmean(dice)) if np.isfinite(dice).any() else math.nan
 

@@ -27,8 +27,8 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["binary_auroc", "bootstrap_ci", "classification_metrics", "rank_auroc", "segmentation_case_metrics",
-           "summarise_segmentation"]
+__all__ = ["binary_auroc", "bootstrap_ci", "classification_metrics", "macro_auroc", "rank_auroc",
+           "segmentation_case_metrics", "summarise_segmentation"]
 
 
 def rank_auroc(positive: np.ndarray, score: np.ndarray) -> float:
@@ -57,6 +57,15 @@ def binary_auroc(y_true: np.ndarray, probs: np.ndarray, *, negative: int, positi
         return math.nan
     score = p[:, positive] / np.clip(p[:, positive] + p[:, negative], 1e-12, None)
     return rank_auroc(y == positive, score) if fast else float(roc_auc_score(y == positive, score))
+
+
+def macro_auroc(y_true: np.ndarray, probs: np.ndarray, *, fast: bool = False) -> float:
+    """Mean one-vs-rest AUROC over the classes present in ``y_true`` (``fast``: :func:`rank_auroc`, for resamples)."""
+    present = sorted(set(np.asarray(y_true).tolist()))
+    if len(present) < 2:
+        return math.nan
+    auroc = rank_auroc if fast else roc_auc_score
+    return float(np.mean([auroc(np.asarray(y_true) == k, probs[:, k]) for k in present]))
 
 
 def classification_metrics(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[str], *,

@@ -86,7 +86,7 @@ _CPU = StudyPreset(
     pretrain_epochs=20,
     pretrain_warmup=2,
     pretrain_batch=64,
-    pretrain_base_lr=1e-2,
+    pretrain_base_lr=5e-3,
     finetune_vit=FinetuneConfig(epochs=30, min_steps=150, batch_size=32, base_lr=2e-2, warmup_epochs=3,
                                 max_evals=15),
     # ResNet-18 costs ~8x the tiny ViT per step on a CPU: fewer epochs (its validation curve flattens by then).

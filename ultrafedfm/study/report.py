@@ -15,8 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ultrafedfm.downstream.evaluate import _macro_auroc
-from ultrafedfm.downstream.metrics import binary_auroc, bootstrap_ci
+from ultrafedfm.downstream.metrics import binary_auroc, bootstrap_ci, macro_auroc
 from ultrafedfm.fileio import atomic_write_text
 from ultrafedfm.study.presets import StudyPreset
 
@@ -52,7 +51,7 @@ def pooled_interval(runs: Sequence[dict], metric: str, *, n_boot: int = 1000, se
         probs = [np.asarray(r["probs"], dtype=np.float64) for r in runs]
         classes = runs[0]["classes"]
         if metric == "auroc_macro":
-            stat = lambda idx: float(np.mean([_macro_auroc(labels[idx], p[idx], fast=True) for p in probs]))  # noqa
+            stat = lambda idx: float(np.mean([macro_auroc(labels[idx], p[idx], fast=True) for p in probs]))  # noqa
         elif metric.startswith("auroc/") and "_vs_" in metric:
             a, b = metric.split("/", 1)[1].split("_vs_")
             neg, pos = classes.index(a), classes.index(b)

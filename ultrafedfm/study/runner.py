@@ -62,16 +62,24 @@ class Unit:
 
 
 def plan_units(preset: StudyPreset) -> list[Unit]:
-    """Every unit of ``preset``, pretraining first."""
-    units = [Unit("pretrain", arm) for arm in PRETRAIN_ARMS if arm in preset.arms]
-    for task in preset.tasks:
-        for arm in preset.arms:
-            if arm == "central_no_thyroid" and task != "ddti_seg":
-                continue
-            for fraction in preset.fractions:
-                for seed in preset.seeds:
-                    units.append(Unit("finetune", arm, task, fraction, seed))
-    return units
+    """Every unit of ``preset``: pretraining, then fine-tuning seed by seed (a partial study has whole seeds).
+
+    The DP arm pretrains after the first seed's cells (it is the slowest arm), so an interrupted
+    study has every other arm's first seed.
+    """
+    first = [Unit("pretrain", arm) for arm in PRETRAIN_ARMS if arm in preset.arms and arm != "federated_dp"]
+    cells = []
+    for seed in preset.seeds:
+        for task in preset.tasks:
+            for arm in preset.arms:
+                if arm == "central_no_thyroid" and task != "ddti_seg":
+                    continue
+                for fraction in preset.fractions:
+                    cells.append(Unit("finetune", arm, task, fraction, seed))
+    dp = [Unit("pretrain", "federated_dp")] if "federated_dp" in preset.arms else []
+    first_seed = [u for u in cells if u.seed == preset.seeds[0] and u.arm != "federated_dp"]
+    rest = [u for u in cells if u not in first_seed]
+    return first + first_seed + dp + rest
 
 
 def _result_path(out: Path, unit: Unit) -> Path:
@@ -191,28 +199,34 @@ def run_study(*, out: str | Path, preset: StudyPreset, data_root: str | Path, pr
     units = plan_units(preset)
     failures: dict[str, str] = {}
     ran = skipped = 0
-    for index, unit in enumerate(units, 1):
-        path = _result_path(out, unit)
-        if path.is_file():
-            skipped += 1
-            continue
-        if stop_after is not None and ran >= stop_after:
+    for pass_index in range(2):  # a second pass runs units that waited for a pretraining unit of the first
+        ran_before = ran
+        for index, unit in enumerate(units, 1):
+            path = _result_path(out, unit)
+            if path.is_file():
+                skipped += pass_index == 0
+                continue
+            if stop_after is not None and ran >= stop_after:
+                break
+            needs = f"pretrain/{unit.arm}"
+            if unit.kind == "finetune" and unit.arm in PRETRAIN_ARMS and not (out / "results" / f"{needs}.json").is_file():
+                failures[unit.key] = f"waiting for {needs}"
+                continue
+            _logger.info("[%d/%d] %s", index, len(units), unit.key)
+            try:
+                runner = _run_pretrain if unit.kind == "pretrain" else _run_finetune
+                result = runner(unit, out=out, preset=preset, data=data, progress=progress)
+            except Exception as exc:  # one failed unit must not stop the study; the rerun retries it
+                failures[unit.key] = f"{type(exc).__name__}: {exc}"
+                _logger.error("unit %s failed: %s\n%s", unit.key, exc, traceback.format_exc())
+                append_line(out / "failures.log",
+                            f"{time.strftime('%Y-%m-%d %H:%M:%S')} {unit.key}: {failures[unit.key]}")
+                continue
+            atomic_write_json(path, _jsonable({"unit": unit.key, **result}))
+            failures.pop(unit.key, None)
+            ran += 1
+        if ran == ran_before or (stop_after is not None and ran >= stop_after):
             break
-        needs = f"pretrain/{unit.arm}"
-        if unit.kind == "finetune" and unit.arm in PRETRAIN_ARMS and not (out / "results" / f"{needs}.json").is_file():
-            failures[unit.key] = f"waiting for {needs}"
-            continue
-        _logger.info("[%d/%d] %s", index, len(units), unit.key)
-        try:
-            runner = _run_pretrain if unit.kind == "pretrain" else _run_finetune
-            result = runner(unit, out=out, preset=preset, data=data, progress=progress)
-        except Exception as exc:  # one failed unit must not stop the study; the rerun retries it
-            failures[unit.key] = f"{type(exc).__name__}: {exc}"
-            _logger.error("unit %s failed: %s\n%s", unit.key, exc, traceback.format_exc())
-            append_line(out / "failures.log", f"{time.strftime('%Y-%m-%d %H:%M:%S')} {unit.key}: {failures[unit.key]}")
-            continue
-        atomic_write_json(path, _jsonable({"unit": unit.key, **result}))
-        ran += 1
     remaining = [u.key for u in units if not _result_path(out, u).is_file()]
     report = write_report(out, preset=preset, units=units)
     summary = {"units": len(units), "ran": ran, "skipped_done": skipped, "remaining": remaining,

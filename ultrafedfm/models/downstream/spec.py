@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 import torch.nn as nn
 
 from ultrafedfm.config import check, from_mapping, to_mapping
