@@ -1,14 +1,18 @@
 """End to end on loopback: provisioned server, three sites and an admin with mutual TLS.
 
-What a consortium relies on and FLARE alone does not give: a site whose kit comes from another
+What a consortium relies on and FLARE alone does not give: every site generates its own
+secure-aggregation key (`kit enroll`), the admin signs the member list every kit carries, and the
+tiny job runs secure aggregation against that pinned list; a site whose kit comes from another
 CA never joins and `kit check` at that site names the CA mismatch; a certificate from our own
-CA for a name outside the consortium is refused at registration; everything stops with no
-process left behind.
+CA for a name outside the consortium is refused at registration; the server keeps aggregates
+only; everything stops with no process left behind.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import datetime as dt
+import io
 import json
 import time
 from pathlib import Path
@@ -22,17 +26,21 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from nvflare.fuel.flare_api.api_spec import JobNotFound, JobNotRunning
+from nvflare.fuel.flare_api.api_spec import JobNotFound, JobNotRunning, NoConnection
 from nvflare.fuel.flare_api.flare_api import new_secure_session
 
 from ultrafedfm.cli import main
 from ultrafedfm.data.ingest import ingest_dicom_folder
+from ultrafedfm.federation.run_state import RunState
+from ultrafedfm.federation.site_figures import read_site_figures, site_figures_path
 from ultrafedfm.data.ingest_config import IngestConfig
 from ultrafedfm.data.synth import generate_sites
+from ultrafedfm.kit.membership import read_member_list
 from ultrafedfm.kit.preflight import check_site_kit
 from ultrafedfm.models import build_mae, timm_model_kwargs, timm_model_name
+from ultrafedfm.secagg import format_fingerprint
 
-from .deployment import ADMIN, Deployment, copy_kit_as
+from .deployment import ADMIN, SERVER, Deployment, copy_kit_as
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -55,6 +63,23 @@ def prepare_site_data(dep: Deployment) -> None:
         config["ingest"]["image_size"] = 32
         config["resources"] = {"gpus": 0, "min_memory_gb": 1, "min_free_disk_gb": 0}
         site_yaml.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def enrol_sites(dep: Deployment) -> None:
+    """Issue 9's enrolment, through the CLI: each site's IT creates its own key and reads its fingerprint to
+    the admin; the admin signs each into the member list and sends the list to every kit (server included)."""
+    membership = dep.root / "prov" / "membership"
+    for site in SITES:
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            assert main(["kit", "enroll", "--kit", str(dep.kit(site))]) == 0
+        fingerprint = printed.getvalue().split("fingerprint: ")[1].splitlines()[0]  # read out by phone
+        request = dep.kit(site) / "local" / "secagg_enrollment.json"  # sent by e-mail: a public key only
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main(["kit", "membership", "add", "--workspace", str(dep.root / "prov"), "--request",
+                         str(request), "--fingerprint", fingerprint]) == 0
+    for participant in (*SITES, dep.config.server.host):
+        (dep.kit(participant) / "local" / "members.json").write_bytes((membership / "members.json").read_bytes())
 
 
 def mint_site_certificate(state_file: Path, name: str, org: str) -> tuple[bytes, bytes]:
@@ -104,9 +129,10 @@ def deployment(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     dep = Deployment.provision(root, SITES)
     prepare_site_data(dep)
-    dep.start(SERVER := dep.config.server.host)
+    enrol_sites(dep)
+    dep.start(dep.config.server.host)
     try:
-        dep.wait_for_log(SERVER, "Server started", timeout=90)
+        dep.wait_for_log(dep.config.server.host, "Server started", timeout=90)
         for site in SITES:
             dep.start(site)
         for site in SITES:
@@ -116,16 +142,31 @@ def deployment(tmp_path_factory):
         dep.stop()  # idempotent: the last test stops it first and checks for leftovers
 
 
-def test_three_sites_join_over_mutual_tls(deployment, capsys):
+def test_three_enrolled_sites_join_over_mutual_tls_and_kit_check_prints_every_members_fingerprint(deployment, capsys):
     assert registered_sites(deployment) == set(SITES)
     fed_client = json.loads((deployment.kit("site-1") / "startup" / "fed_client.json").read_text())
     assert fed_client["client"]["connection_security"] == "mtls"
-    # `ultrafedfm kit check` at a healthy site: every check passes, data and resources included.
+    # `ultrafedfm kit check` at a healthy site: every check passes, membership, data and resources included.
     assert main(["kit", "check", "--kit", str(deployment.kit("site-1"))]) == 0
     out = capsys.readouterr().out
-    for check in ("certificate", "root CA", "server", "site.yaml", "data", "resources"):
+    for check in ("certificate", "root CA", "server", "membership", "site.yaml", "data", "resources"):
         assert f"[ok] {check}:" in out, out
-    assert "6 passed, 0 failed" in out
+    assert "7 passed, 0 failed" in out
+    # ... and prints every member's fingerprint and the admin key's, to compare out of band.
+    member_list = read_member_list(deployment.kit("site-1") / "local" / "members.json")
+    assert [m.name for m in member_list.members] == SITES and member_list.version == 4
+    for member in member_list.members:
+        assert format_fingerprint(member.fingerprint) in out
+    assert format_fingerprint(member_list.admin_fingerprint) in out
+    # The keys were generated at the sites: the provisioning workspace (FLARE's state/cert.json with every
+    # FLARE key, the admin's membership folder) holds none of them. (Here the kits were issued inside it.)
+    kits = deployment.provisioned.kits_dir
+    workspace = [p.read_bytes() for p in (deployment.root / "prov").rglob("*")
+                 if p.is_file() and kits not in p.parents]
+    assert any(b"root_pri_key" in data for data in workspace)  # the scan sees FLARE's state
+    for site in SITES:
+        secret = (deployment.kit(site) / "local" / "secagg_site_key.pem").read_text().strip().splitlines()[1].encode()
+        assert not any(secret in data for data in workspace), site
 
 
 def test_site_from_another_ca_never_joins_and_kit_check_names_it(deployment, tmp_path, capsys):
@@ -178,7 +219,8 @@ def test_tiny_job_submitted_with_nvflare_runs_rounds_and_downloads(deployment, t
         while time.monotonic() < deadline:
             try:
                 workflow = session.show_stats(job_id, "server").get("server", {}).get("MaePretrainController")
-            except (JobNotFound, JobNotRunning):  # stats exist only while the job runs
+            except (JobNotFound, JobNotRunning, NoConnection):  # stats exist only while the job runs; asked as
+                # the job's process ends, the server answers ERROR_SERVER_CONNECTION (the job's meta decides below)
                 workflow = None
             if workflow:
                 last = workflow.get("last_round") or {}
@@ -198,7 +240,21 @@ def test_tiny_job_submitted_with_nvflare_runs_rounds_and_downloads(deployment, t
     assert "FINISHED:COMPLETED" in json.dumps(meta["data"]), meta
     assert len(progress) >= 2, f"rounds did not visibly advance in the job's stats: {progress}"
     assert last_rounds and set(last_rounds[-1]["participants"]) == set(SITES), last_rounds
-    assert last_rounds[-1]["applied"] and set(last_rounds[-1]["loss"]) == set(SITES)
+    # Secure aggregation with the pinned member list: the server shows aggregates, nothing per site.
+    own = {s: read_site_figures(site_figures_path(deployment.root / "caches" / s)) for s in SITES}
+    assert all(len(f) == 3 and all(x.masked for x in f) for f in own.values()), own
+    last = last_rounds[-1]
+    assert last["applied"] and last["global_loss"] is not None and "loss" not in last
+    assert last["total_images"] == sum(f[-1].num_samples for f in own.values())
+    rows = RunState(deployment.kit(SERVER) / "ultrafedfm_runs", "mae_pretrain_tiny").read_rounds()
+    assert len(rows) == 3 and all(r["applied"] and r["failed"] == {} for r in rows), rows
+    assert all(not {"loss", "num_samples", "train_seconds"} & set(r) for r in rows)
+    for site in SITES:  # each site pinned the member list and recorded what it contributed to
+        local = deployment.kit(site) / "local"
+        assert json.loads((local / "secagg_pins.json").read_text())["version"] == 4
+        ledger = json.loads((local / "secagg_ledger.json").read_text())
+        assert [e["round"] for e in ledger["rounds"] if e["job"] == job_id] == [0, 1, 2]
+        assert len(ledger["models"]) == 3 and all(m["survivors"] == SITES for m in ledger["models"].values())
     console_text = console.result(timeout=120)
     cli_text = json.dumps(cli_stats.result(timeout=120))
     others.shutdown()

@@ -117,7 +117,8 @@ class FederatedRun:
         is_best = False
         if stats.applied:
             checkpoint.params = ctx.new_params
-            if stats.global_loss is not None and (checkpoint.best_loss is None or stats.global_loss < checkpoint.best_loss):
+            better = checkpoint.best_loss is None or (stats.global_loss or 0.0) < checkpoint.best_loss
+            if stats.global_loss is not None and better:
                 checkpoint.best_loss, checkpoint.best_round, is_best = stats.global_loss, stats.round, True
         # A round without enough sites still moves the schedule on; it is recorded as not applied.
         checkpoint.last_completed_round = stats.round

@@ -57,7 +57,8 @@ def default_template_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "site_templates"
 
 
-def project_yaml(config: ConsortiumConfig, *, template_dir: str | Path, members_file: str | Path | None = None) -> str:
+def project_yaml(config: ConsortiumConfig, *, template_dir: str | Path,
+                 members_file: str | Path | None = None) -> str:
     """FLARE's project.yml for ``config``: FLARE's builders, then our site-kit builder (which copies
     ``members_file`` into every kit)."""
     return yaml.safe_dump(project_dict(config, builders=_builders(config, template_dir, members_file)), sort_keys=False)

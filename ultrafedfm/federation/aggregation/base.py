@@ -45,11 +45,13 @@ def vet_protocol_reply(reply: SiteReply) -> str | None:
     params = reply.params or {}
     extra = sorted(set(params) - {SECAGG_KEY})
     if extra:
-        return f"the reply carries {extra[:3]} beside the secure-aggregation message; only masked values may leave a site"
+        return (f"the reply carries {extra[:3]} beside the secure-aggregation message; only masked values may "
+                "leave a site")
     if SECAGG_KEY not in params:
         return "the reply carries no secure-aggregation message"
     if reply.metrics:
-        return f"the reply carries metrics {sorted(reply.metrics)[:3]} in the clear; only masked values may leave a site"
+        return (f"the reply carries metrics {sorted(reply.metrics)[:3]} in the clear; only masked values may leave "
+                "a site")
     if reply.meta:
         return f"the reply carries {sorted(reply.meta)[:3]} in the clear; only masked values may leave a site"
     return None

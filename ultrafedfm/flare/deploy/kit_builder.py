@@ -42,7 +42,8 @@ class SiteKitBuilder(Builder):
     ``members_file`` — the consortium's signed ``members.json`` (``<workspace>/membership/``),
     copied into every kit's ``local/`` (``None``: none is copied)."""
 
-    def __init__(self, template_dir: str, server_store_dir: str = "/var/lib/ultrafedfm", members_file: str | None = None):
+    def __init__(self, template_dir: str, server_store_dir: str = "/var/lib/ultrafedfm",
+                 members_file: str | None = None):
         self.template_dir = Path(template_dir)
         self.server_store_dir = server_store_dir
         self.members_file = members_file

@@ -71,7 +71,8 @@ def prepare_workspace(
     workspace = Path(workspace)
     local = workspace / LOCAL
     local.mkdir(parents=True, exist_ok=True)
-    sites = {name: {k: str(v) if isinstance(v, Path) else v for k, v in cfg.items()} for name, cfg in site_configs.items()}
+    sites = {name: {k: str(v) if isinstance(v, Path) else v for k, v in cfg.items()}
+             for name, cfg in site_configs.items()}
     if simulation_members:
         folder = secagg_folder(workspace)
         # A new simulated consortium each time: keys pinned under an earlier throwaway admin key would refuse it.
