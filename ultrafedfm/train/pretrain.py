@@ -332,9 +332,10 @@ def _run(*, model, dataset, config, epochs, steps, lr, device, checkpoint_dir, r
         })
 
     start_step = done.step
+    clipped = [p for p in model.parameters() if p.requires_grad] if config.grad_clip is not None else []
     _loop(training, sampler=sampler, plan=plan, done=done, config=config, img_size=model.preset.img_size,
-          preset=model.preset.name, params=[p for p in model.parameters() if p.requires_grad], device=device,
-          progress=progress, checkpoint=checkpoint if ckpt_path is not None else None)
+          preset=model.preset.name, params=clipped, device=device, progress=progress,
+          checkpoint=checkpoint if ckpt_path is not None else None)
     if ckpt_path is not None:
         checkpoint()
     seconds = time.perf_counter() - started
@@ -396,8 +397,9 @@ def _loop(training: _Training, *, sampler: _EpochSampler, plan: _Plan, done: _Pr
     use_amp = config.amp and device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
     optimizer, criterion = training.optimizer, training.criterion
+    # One refresh a second is plenty for training and keeps the bar off the step time of small models.
     bar = tqdm(total=plan.total, initial=done.step, disable=not progress, desc=f"pretrain {preset}", unit="step",
-               dynamic_ncols=True)
+               dynamic_ncols=True, mininterval=1.0)
     try:
         while done.step < plan.total:
             epoch, offset = divmod(done.step, plan.steps_per_epoch)
