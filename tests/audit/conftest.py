@@ -46,3 +46,12 @@ def write_reports(run: Scenario, out: Path, *, site: str = "site-1") -> tuple[di
 def reports(finished_run, tmp_path_factory):
     """(server report, site-1 report, server html, site html) of the finished run."""
     return write_reports(finished_run, tmp_path_factory.mktemp("reports"))
+
+
+@pytest.fixture(scope="session")
+def quick_empirical(tmp_path_factory) -> dict:
+    """The empirical audit's smoke run (``ultrafedfm audit --empirical --quick``): its report and HTML path."""
+    from ultrafedfm.privacy.audit.empirical import run_empirical_audit
+
+    files = run_empirical_audit(out_dir=tmp_path_factory.mktemp("empirical"), quick=True, seed=0)
+    return {"report": json.loads(files.json.read_text()), "html": files.html}

@@ -109,10 +109,16 @@ def empirical_plot(runs: Sequence[dict[str, Any]]) -> str | None:
     upper = [r["epsilon_accountant"] for r in runs]
     ax.bar([x - 0.2 for x in xs], lower, width=0.4, color="tab:orange", label="empirical lower bound")
     finite = [u for u in upper if u is not None]
-    top = max([*finite, *lower, 1.0]) * 1.15
-    ax.bar([x + 0.2 for x in xs], [u if u is not None else top for u in upper], width=0.4, color="tab:blue",
-           hatch=None, label="accountant (upper bound; no DP: unbounded)")
+    top = max([*finite, *lower, 1.0]) * 1.3
+    ax.bar([x + 0.2 for x, u in zip(xs, upper) if u is not None], finite, width=0.4, color="tab:blue",
+           label="accountant's epsilon (upper bound)")
+    for x, u in zip(xs, upper):
+        if u is None:  # no DP: no upper bound at all
+            ax.bar(x + 0.2, top, width=0.4, color="white", edgecolor="tab:blue", hatch="//")
+            ax.text(x + 0.2, top * 0.5, "no DP:\nunbounded", ha="center", va="center", fontsize=8)
+    for x, value in zip(xs, lower):
+        ax.text(x - 0.2, value, f"{value:.2f}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(xs), labels)
     ax.set(title="epsilon: what an attack proves vs. what the accountant guarantees", ylabel="epsilon", ylim=(0, top))
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left")
     return _data_uri(fig)

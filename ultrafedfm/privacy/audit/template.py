@@ -159,8 +159,8 @@ REPORT_TEMPLATE = r"""<!DOCTYPE html>
 {% for r in report.canary_audit.runs %}<tr><td>{{ r.label }}</td><td>{{ 'on' if r.dp else 'off' }}</td><td class="num">{{ r.epsilon_accountant | fmt }} ({{ r.delta | fmt }})</td><td class="num">{{ r.epsilon_lower_bound | fmt }}</td><td class="num">{{ r.canaries }} ({{ r.inserted }})</td><td class="num">{{ r.guesses }}</td><td class="num">{{ r.correct }}</td><td class="num">{{ r.auc | fmt }}</td></tr>{% endfor %}</table>
 <h2>Gradient inversion on one upload</h2>
 <p class="note">{{ report.inversion.method }}</p>
-<table><tr><th>what the attacker holds</th><th>similarity to the true image</th><th>similarity to other images (chance): mean &plusmn; sd</th><th>rank of the true image</th><th>p-value (vs. chance)</th></tr>
-{% for r in report.inversion.attacks %}<tr><td>{{ r.label }}</td><td class="num">{{ r.similarity | fmt }}</td><td class="num">{{ r.chance_mean | fmt }} &plusmn; {{ r.chance_sd | fmt }}</td><td class="num">{{ r.rank }} of {{ r.candidates }}</td><td class="num">{{ r.p_value | fmt }}</td></tr>{% endfor %}</table>
+<table><tr><th>what the attacker holds</th><th>similarity to the true image</th><th>similarity to other images (chance): mean &plusmn; sd</th><th>mean rank of the true image (1: closest)</th><th>p-value (vs. chance)</th></tr>
+{% for r in report.inversion.attacks %}<tr><td>{{ r.label }}</td><td class="num">{{ r.similarity | fmt }}</td><td class="num">{{ r.chance_mean | fmt }} &plusmn; {{ r.chance_sd | fmt }}</td><td class="num">{{ r.rank | fmt }} of {{ r.candidates }}</td><td class="num">{{ r.p_value | fmt }}</td></tr>{% endfor %}</table>
 {% endif %}
 
 <h2>Inputs this report was computed from</h2>
