@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from safetensors.torch import load_file
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -265,15 +266,15 @@ def test_tiny_job_submitted_with_nvflare_runs_rounds_and_downloads(deployment, t
     assert job_id in json.dumps(listed)
 
     deployment.nvflare("job", "download", job_id, "-o", str(tmp_path / "download"))
-    models = {p.name: p for p in (tmp_path / "download").rglob("*") if p.suffix in (".pt", ".pth")}
-    assert {"final_model.pt", "encoder.pth"} <= set(models), sorted(models)
+    models = {p.name: p for p in (tmp_path / "download").rglob("*") if p.suffix in (".pt", ".safetensors")}
+    assert {"final_model.pt", "encoder.safetensors"} <= set(models), sorted(models)
     mae = build_mae("tiny", img_size=32)
     mae.load_state_dict(torch.load(models["final_model.pt"], map_location="cpu"))
     # As docs/researcher.md shows it: the sidecar JSON names the timm model and its arguments.
-    meta = json.loads(models["encoder.pth"].with_suffix(".json").read_text())
+    meta = json.loads(models["encoder.safetensors"].with_suffix(".json").read_text())
     assert meta["timm_model"] == timm_model_name(mae) and meta["timm_kwargs"] == timm_model_kwargs(mae)
     vit = timm.create_model(meta["timm_model"], pretrained=False, in_chans=1, num_classes=2, **meta["timm_kwargs"])
-    missing, unexpected = vit.load_state_dict(torch.load(models["encoder.pth"], map_location="cpu"), strict=False)
+    missing, unexpected = vit.load_state_dict(load_file(models["encoder.safetensors"]), strict=False)
     assert set(missing) == {"head.weight", "head.bias"} and not unexpected
     # Sites outside the consortium never received the job.
     for outsider in ("rogue-site", "site-4"):

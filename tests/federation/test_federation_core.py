@@ -124,7 +124,7 @@ def test_a_plain_fedavg_run_over_in_process_sites_equals_fedavg_by_hand_and_keep
     for k in expected:
         np.testing.assert_allclose(final[k], expected[k], atol=1e-5)
     assert isinstance(run.aggregation, PlainFedAvg) and run.progress.to_info()["phase"] == "finished"
-    assert {p.name for p in run.exported} >= {"final_model.pt", "encoder.pth"}
+    assert {p.name for p in run.exported} >= {"final_model.pt", "encoder.safetensors", "encoder.json", "encoder.md"}
 
 
 def test_a_secure_run_with_fresh_seeds_equals_fedavg_within_quantisation_and_keeps_only_aggregates(tmp_path):

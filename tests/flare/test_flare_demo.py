@@ -6,6 +6,7 @@ import json
 import pytest
 import timm
 import torch
+from safetensors.torch import load_file
 
 from ultrafedfm.cli.demo import run_demo
 from ultrafedfm.federation.run_state import RunState
@@ -36,7 +37,7 @@ def test_demo_runs_three_sites_and_its_loss_table_comes_from_each_sites_own_figu
     # The exported encoder loads into timm with only the classification head missing.
     meta = json.loads((out / "run" / "demo" / "encoder.json").read_text())
     vit = timm.create_model(meta["timm_model"], pretrained=False, in_chans=1, num_classes=2, **meta["timm_kwargs"])
-    encoder = torch.load(out / "run" / "demo" / "encoder.pth", weights_only=True)
+    encoder = load_file(out / "run" / "demo" / "encoder.safetensors")
     missing, unexpected = vit.load_state_dict(encoder, strict=False)
     assert not unexpected and all(k.startswith("head.") for k in missing)
     assert workspace_processes(out / "flare") == []

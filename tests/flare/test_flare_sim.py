@@ -102,8 +102,8 @@ def test_unequal_sites_are_weighted_by_sample_count_and_loss_falls(tmp_path):
     assert rows[0]["global_loss"] == pytest.approx(expected_global)
 
     # Artefacts: best + final model, encoder, TensorBoard on the server, copies in the job workspace.
-    for name in ("global_model.pt", "best_model.pt", "final_model.pt", "encoder.pth", "encoder.json"):
+    for name in ("global_model.pt", "best_model.pt", "final_model.pt", "encoder.safetensors", "encoder.json", "encoder.md"):
         assert (state.dir / name).is_file(), name
     assert list(state.tensorboard_dir.glob("events.out.tfevents.*"))
     job_models = result.workspace / "server" / "simulate_job" / "models"
-    assert (job_models / "final_model.pt").is_file() and (job_models / "encoder.pth").is_file()
+    assert (job_models / "final_model.pt").is_file() and (job_models / "encoder.safetensors").is_file()

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import timm
 import torch
+from safetensors.torch import load_file
 
 from PIL import Image
 
@@ -38,14 +39,14 @@ def test_pretrain_command_trains_exports_and_resumes(tmp_path):
     assert load_checkpoint(out / "checkpoint" / CHECKPOINT_NAME)["step"] == 3
     meta = json.loads((out / "encoder.json").read_text())
     vit = timm.create_model(meta["timm_model"], pretrained=False, in_chans=1, num_classes=2, **meta["timm_kwargs"])
-    missing = vit.load_state_dict(torch.load(out / "encoder.pth", weights_only=True), strict=False).missing_keys
+    missing = vit.load_state_dict(load_file(out / "encoder.safetensors"), strict=False).missing_keys
     assert sorted(missing) == ["head.bias", "head.weight"]
-    first = torch.load(out / "encoder.pth", weights_only=True)["cls_token"]
+    first = load_file(out / "encoder.safetensors")["cls_token"]
 
     # Re-run with more epochs: continues from step 3 instead of restarting.
     assert main(args + ["--epochs", "2"]) == 0
     assert load_checkpoint(out / "checkpoint" / CHECKPOINT_NAME)["step"] == 6
-    assert not torch.equal(first, torch.load(out / "encoder.pth", weights_only=True)["cls_token"])
+    assert not torch.equal(first, load_file(out / "encoder.safetensors")["cls_token"])
 
 
 def test_pretrain_command_reports_a_missing_cache(tmp_path):

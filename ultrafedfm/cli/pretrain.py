@@ -4,7 +4,7 @@
     ultrafedfm pretrain --cache site-cache --out runs/central --config pretrain.yaml
 
 Writes ``OUT/checkpoint/checkpoint.pt`` (continued when the command is re-run with the same
-``--out``), ``OUT/encoder.pth`` + ``OUT/encoder.json`` (the encoder for ``timm.create_model``)
+``--out``), ``OUT/encoder.safetensors`` + ``OUT/encoder.json`` (the encoder for ``timm.create_model``)
 and ``OUT/pretrain.yaml`` (the configuration used).
 """
 from __future__ import annotations
@@ -64,9 +64,9 @@ def run(args: argparse.Namespace) -> int:
     model = build_model(config)
     result = train_local(model=model, dataset=dataset, config=config, device=args.device,
                          checkpoint_dir=out / "checkpoint", progress=not args.no_progress)
-    save_encoder(model, out / "encoder.pth")
+    save_encoder(model, out / "encoder.safetensors")
     _logger.info("trained %d steps on %d images (mean loss %.4f); encoder in %s",
-                 result.steps, result.num_samples, result.mean_loss, out / "encoder.pth")
+                 result.steps, result.num_samples, result.mean_loss, out / "encoder.safetensors")
     return 0
 
 

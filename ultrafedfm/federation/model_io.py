@@ -3,13 +3,14 @@
 Weights travel as ``dict[str, numpy.ndarray]`` (the MAE's full ``state_dict``: parameters and
 buffers); these helpers convert between that and the torch model, and write a run's final
 artefacts: :data:`FINAL_MODEL_FILE` (a plain state_dict for ``build_mae``) and the
-timm-loadable encoder (``ultrafedfm.models.export.save_encoder``).
+timm-loadable encoder :data:`ENCODER_FILE` (safetensors, ``ultrafedfm.models.export.save_encoder``)
+with its JSON sidecar and Markdown model card.
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import torch
@@ -17,12 +18,15 @@ import torch
 from ultrafedfm.federation.contract import TrainingContract
 from ultrafedfm.fileio import atomic_torch_save
 
+if TYPE_CHECKING:
+    from ultrafedfm.models.card import ModelCard
+
 _logger = logging.getLogger(__name__)
 
 __all__ = ["ENCODER_FILE", "FINAL_MODEL_FILE", "export_final_model", "load_params", "model_params"]
 
 FINAL_MODEL_FILE = "final_model.pt"
-ENCODER_FILE = "encoder.pth"
+ENCODER_FILE = "encoder.safetensors"
 
 
 def model_params(model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -37,9 +41,10 @@ def load_params(model: torch.nn.Module, params: Mapping[str, Any]) -> None:
 
 
 def export_final_model(
-    params: Mapping[str, np.ndarray], *, contract: TrainingContract, out_dir: str | Path, export_encoder: bool = True
+    params: Mapping[str, np.ndarray], *, contract: TrainingContract, out_dir: str | Path, export_encoder: bool = True,
+    card: "ModelCard | None" = None,
 ) -> list[Path]:
-    """Write :data:`FINAL_MODEL_FILE` (and the encoder, with its sidecar) into ``out_dir``; returns the paths."""
+    """Write :data:`FINAL_MODEL_FILE` (and the encoder with its sidecar and ``card``) into ``out_dir``; the paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = contract.initial_model()
@@ -49,7 +54,7 @@ def export_final_model(
     if export_encoder:
         from ultrafedfm.models.export import save_encoder
 
-        save_encoder(model, out_dir / ENCODER_FILE)
+        save_encoder(model, out_dir / ENCODER_FILE, card=card)
         # save_encoder may write a sidecar (timm model name and kwargs) next to the weights.
         paths.extend(sorted(out_dir.glob(Path(ENCODER_FILE).stem + ".*")))
     return paths

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -26,9 +26,37 @@ from ultrafedfm.federation.rounds import RoundContext
 from ultrafedfm.federation.run_state import RunCheckpoint, RunState
 from ultrafedfm.federation.stats import PER_SITE_KEYS, RunProgress, TensorBoardSink, format_round_line
 
+if TYPE_CHECKING:
+    from ultrafedfm.models.card import ModelCard
+
 _logger = logging.getLogger(__name__)
 
-__all__ = ["FederatedRun", "initial_params"]
+__all__ = ["FederatedRun", "encoder_card", "initial_params"]
+
+
+def encoder_card(job: JobSpec, history: Sequence[dict], *, aggregation: str) -> "ModelCard":
+    """The exported encoder's model card, from what the server knows: the job and the aggregate round figures."""
+    from ultrafedfm.models.card import ModelCard
+
+    applied = [row for row in history if row.get("applied")]
+    sites = sorted({site for row in applied for site in row.get("participants", [])})
+    images = [row["total_images"] for row in applied if row.get("total_images")]
+    data = [f"{len(sites)} site(s) took part: {', '.join(sites) or 'none'}"]
+    if images:
+        data.append(f"{max(images)} training images in the largest round (an aggregate; no site's count is known)")
+    if job.dp.enabled:
+        budget = (f"target epsilon {job.dp.target_epsilon:g} per site for the whole job" if job.dp.target_epsilon
+                  else f"noise multiplier {job.dp.noise_multiplier:g}")
+        privacy = (f"DP-SGD at every site ({budget}, clip {job.dp.max_grad_norm:g}, {job.dp.accountant}); each "
+                   "site's exact spend is in its own ledger and audit report")
+    else:
+        privacy = "no DP-SGD (epsilon = infinity: the model itself may reveal training images)"
+    privacy += "; secure aggregation" if job.secure_aggregation else "; deltas aggregated in the clear"
+    last_loss = next((row["global_loss"] for row in reversed(applied) if row.get("global_loss") is not None), None)
+    notes = [f"final global training loss (MAE, masked patches) {last_loss:.4f}"] if last_loss is not None else []
+    return ModelCard(title=f"UltraFedFM encoder from federated job '{job.name}'", kind="encoder", preset=job.preset,
+                     data=tuple(data), training=f"federated MAE pretraining ({aggregation}), {job.img_size} px, mask "
+                     f"ratio {job.mask_ratio:g}", rounds=len(applied), privacy=privacy, notes=tuple(notes))
 
 
 def initial_params(job: JobSpec) -> dict[str, np.ndarray]:
@@ -81,7 +109,9 @@ class FederatedRun:
                 tensorboard.write(ctx.stats)
             self.progress.phase = "export"
             self.exported = export_final_model(checkpoint.params, contract=self.job.training_contract(),
-                                               out_dir=self.state.dir, export_encoder=self.job.export_encoder)
+                                               out_dir=self.state.dir, export_encoder=self.job.export_encoder,
+                                               card=encoder_card(self.job, checkpoint.history,
+                                                                 aggregation=self.aggregation.name))
             _logger.info("final model and encoder written to %s", self.state.dir)
             self.progress.phase = "finished"
             return True
