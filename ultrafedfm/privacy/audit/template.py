@@ -144,7 +144,7 @@ REPORT_TEMPLATE = r"""<!DOCTYPE html>
 <h2>Transport</h2>
 <table><tr><th>certificate</th><th>subject</th><th>issuing CA</th><th>SHA-256 fingerprint</th><th>expires</th><th>days left</th></tr>
 {% for c in report.transport.certificates %}<tr><td><code>{{ c.file }}</code></td><td>{{ c.subject }}</td><td>{{ c.issuer }}</td><td class="hash">{{ c.fingerprint_sha256 }}</td><td>{{ c.not_after }}</td><td class="num">{{ c.days_left }}</td></tr>
-{% else %}<tr><td colspan="6">no kit given: certificates not checked</td></tr>{% endfor %}</table>
+{% else %}<tr><td colspan="6">no certificate found (no kit given, or no startup/ folder in it): not checked</td></tr>{% endfor %}</table>
 {% set mem = report.transport.membership %}
 {% if mem and not mem.get('error') %}<p>Secure-aggregation member list v{{ mem.version }} of <b>{{ mem.consortium }}</b>: {{ mem.size }} member sites (threshold t = {{ mem.threshold }}), signed by admin key <code>{{ mem.admin_fingerprint }}</code>.</p>
 <table><tr><th>member site</th><th>key fingerprint (compare by phone)</th></tr>{% for m in mem.members %}<tr><td>{{ m.name }}</td><td class="hash">{{ m.fingerprint }}</td></tr>{% endfor %}</table>
