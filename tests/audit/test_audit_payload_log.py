@@ -146,3 +146,13 @@ def test_a_record_with_a_wrong_type_is_unreadable_not_trusted(tmp_path, bad):
     data[bad] = "x" if bad == "seq" else "sideways"
     (tmp_path / "out.jsonl").write_text(json.dumps(data) + "\n")
     assert read_payload_log(tmp_path / "out.jsonl").unreadable_lines == [1]
+
+
+def test_logging_a_payload_imports_neither_torch_nor_the_report_renderers():
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from ultrafedfm.privacy.audit import record_outgoing, record_received; "
+            "print(sorted(m for m in ('torch', 'matplotlib', 'jinja2', 'nvflare') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.strip() == "[]"

@@ -34,7 +34,6 @@ from ultrafedfm.privacy.audit.payloads import (
     PayloadLog, PayloadRecord, outgoing_log_path, payload_digest, read_payload_log, received_log_path, record_outgoing,
     record_received,
 )
-from ultrafedfm.privacy.audit.render import ReportFiles, write_report
 from ultrafedfm.privacy.audit.schema import REPORT_SCHEMA, validate_report
 from ultrafedfm.privacy.audit.server_report import ServerAuditInputs, build_server_report
 from ultrafedfm.privacy.audit.site_report import SiteAuditInputs, build_site_report
@@ -50,6 +49,16 @@ __all__ = [
 ]
 
 
+def __getattr__(name: str) -> Any:
+    """``write_report`` and ``ReportFiles`` load Jinja2 and matplotlib: only when a report is written, so the
+    sites and the server can log payloads without importing them."""
+    if name in ("write_report", "ReportFiles"):
+        from ultrafedfm.privacy.audit import render
+
+        return getattr(render, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def site_report_dir(cache: str | Path, job_id: str | None) -> Path:
     """Where a site keeps its reports: ``<cache>/privacy/audit/<job id>`` (``all`` for every job)."""
     return Path(cache) / "privacy" / "audit" / (job_id or "all")
@@ -62,8 +71,11 @@ def server_report_dir(run_dir: str | Path, job_id: str | None) -> Path:
 
 def write_site_report(*, site: str, cache: str | Path, policy: PrivacyPolicy | None = None,
                       kit: str | Path | None = None, job_id: str | None = None,
-                      received: Sequence[PayloadRecord] | None = None, out_dir: str | Path | None = None) -> ReportFiles:
+                      received: Sequence[PayloadRecord] | None = None,
+                      out_dir: str | Path | None = None) -> "ReportFiles":
     """Build and write a site's report (default folder: :func:`site_report_dir`)."""
+    from ultrafedfm.privacy.audit.render import write_report
+
     report = build_site_report(SiteAuditInputs(site=site, cache=Path(cache), policy=policy,
                                                kit=Path(kit) if kit else None, job_id=job_id, received=received))
     return write_report(report, out_dir or site_report_dir(cache, job_id))
@@ -71,8 +83,10 @@ def write_site_report(*, site: str, cache: str | Path, policy: PrivacyPolicy | N
 
 def write_server_report(*, run_dir: str | Path, job_id: str | None = None, job_spec: Mapping[str, Any] | None = None,
                         job_meta: Mapping[str, Any] | None = None, workspace: str | Path | None = None,
-                        roots: Sequence[str | Path] = (), out_dir: str | Path | None = None) -> ReportFiles:
+                        roots: Sequence[str | Path] = (), out_dir: str | Path | None = None) -> "ReportFiles":
     """Build and write the server's report (default folder: :func:`server_report_dir`)."""
+    from ultrafedfm.privacy.audit.render import write_report
+
     report = build_server_report(ServerAuditInputs(
         roots=[Path(r) for r in roots], run_dir=Path(run_dir), workspace=Path(workspace) if workspace else None,
         job_id=job_id, job_spec=job_spec, job_meta=job_meta))

@@ -17,7 +17,6 @@ from typing import Any
 import jinja2
 
 from ultrafedfm.fileio import atomic_write_text
-from ultrafedfm.privacy.audit.plots import bytes_plot, empirical_plot, epsilon_plot, participation_plot
 from ultrafedfm.privacy.audit.schema import validate_report
 from ultrafedfm.privacy.audit.template import REPORT_TEMPLATE
 
@@ -57,6 +56,8 @@ def _environment() -> jinja2.Environment:
 
 
 def _plots(report: dict[str, Any]) -> dict[str, str | None]:
+    from ultrafedfm.privacy.audit.plots import bytes_plot, empirical_plot, epsilon_plot, participation_plot
+
     kind = report["kind"]
     if kind == "site":
         policy = report["privacy"]["policy"] or {}

@@ -1,7 +1,6 @@
 """The server's audit report: who took part in each round, what the server received, aggregates only.
 
-Built from what the server holds: the run folder (``rounds.jsonl``, ``state.json``, the
-received-payload log), what ``nvflare job download`` returns (FLARE's ``meta.json``, the job's
+Built from what the server holds: the run folder (``rounds.jsonl``, the received-payload log), what ``nvflare job download`` returns (FLARE's ``meta.json``, the job's
 ``config_fed_server.json`` with our job spec, the job's ``audit.log``), and the server's own
 workspace (FLARE's ``audit.log`` of admin commands, ``startup/`` certificates, ``local/members.json``).
 Per round: targets, participants, dropouts with their reasons, recoveries, the unmask threshold,
@@ -36,7 +35,6 @@ _logger = logging.getLogger(__name__)
 __all__ = ["PER_SITE_ROUND_KEYS", "ServerAuditInputs", "build_server_report"]
 
 ROUNDS_FILE = "rounds.jsonl"  # federation.run_state.ROUNDS_FILE
-STATE_FILE = "state.json"
 # Keys of a round record that map site -> value: per-site figures a server must not keep.
 PER_SITE_ROUND_KEYS = ("loss", "num_samples", "train_seconds", "steps")
 _AGGREGATE_KEYS = {"global_loss": "global_loss", "total_images": "total_images", "total_steps": "total_steps"}

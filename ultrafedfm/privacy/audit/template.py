@@ -4,6 +4,10 @@ Kept as a string in a module so it ships with the package like the code that fil
 """
 from __future__ import annotations
 
+import logging
+
+_logger = logging.getLogger(__name__)
+
 __all__ = ["REPORT_TEMPLATE"]
 
 REPORT_TEMPLATE = r"""<!DOCTYPE html>
