@@ -32,5 +32,12 @@ def test_demo_with_dp_runs_secure_rounds_and_every_site_reports_its_epsilon_from
         assert line.split()[2] == f"{charges[-1].epsilon_job:.3f}"
     # The server's records hold no epsilon: it is each site's own figure.
     assert "epsilon" not in (out / "run" / "demo" / "rounds.jsonl").read_text()
+    # Every job ends with the privacy audit reports: the server's and each site's own, all hashes matched.
+    server_report = json.loads(next((out / "run" / "demo" / "audit").glob("*/report.json")).read_text())
+    assert "audit report :" in printed and str(out / "run" / "demo" / "audit") in printed
+    for name in ("site-1", "site-2", "site-3"):
+        site_report = next((out / "sites" / name / "cache" / "privacy" / "audit").glob("*/report.json"))
+        assert str(site_report.with_suffix(".html")) in printed
+    assert server_report["schema_version"]
     card = json.loads((out / "run" / "demo" / "encoder.json").read_text())["card"]
     assert "DP-SGD at every site (target epsilon 8 per site" in card["privacy"]

@@ -126,6 +126,7 @@ def run_demo(
         _print_probe(run.state.dir)
     print(f"\nfinished in {time.monotonic() - started:.0f} s")
     _print_paths(run)
+    _print_reports(run, dict(zip(names, caches)))
     return 0
 
 
@@ -203,6 +204,15 @@ def _print_paths(run: _DemoRun) -> None:
     print(f"round stats  : {state.rounds_path}  (TensorBoard: {state.tensorboard_dir})")
     print(f"server log   : {run.result.server_log}")
     print(f"site logs    : {run.workspace}/site-*/log.txt")
+
+
+def _print_reports(run: _DemoRun, caches: dict[str, Path]) -> None:
+    """Where the privacy audit reports of the run are: the server's, and each site's on its own disk."""
+    servers = sorted((run.state.dir / "audit").glob("*/report.html"))
+    print(f"audit report : {servers[-1] if servers else 'not written (see the server log)'}  (the server's)")
+    for name, cache in caches.items():
+        reports = sorted((cache / "privacy" / "audit").glob("*/report.html"))
+        print(f"  {name:<10} : {reports[-1] if reports else 'not written (see the site log)'}  (the site's own)")
 
 
 def _make_sites(root: Path, *, n_sites: int, images_per_site: int, image_size: int, seed: int) -> list[Path]:

@@ -39,5 +39,5 @@ class LocalExchange:
                 result.replies[site] = session.handle(task)
             except Exception as exc:  # as the FLARE site script: the server gets the failure reply
                 _logger.warning("%s: task '%s' failed: %s", site, request.task_name, exc)
-                result.replies[site] = session.failure_reply(exc)
+                result.replies[site] = session.failure_reply(exc, task)
         return result

@@ -19,6 +19,7 @@ from ultrafedfm.federation.exchange import Exchange, SiteReply, TaskRequest
 from ultrafedfm.federation.fedavg import apply_delta
 from ultrafedfm.federation.job_spec import JobSpec
 from ultrafedfm.federation.stats import RoundStats
+from ultrafedfm.privacy.audit.payloads import record_received
 from ultrafedfm.secagg.figures import AggregateFigures
 
 _logger = logging.getLogger(__name__)
@@ -62,6 +63,11 @@ class RoundContext:
                               meta=dict(meta) if meta is not None else self.task_meta(), round=self.stats.round,
                               num_rounds=self.stats.num_rounds, timeout_s=timeout_s)
         result = self.exchange(request)
+        if self.run_dir is not None:  # what arrived, logged before anything is done with it (the audit)
+            for site, reply in sorted(result.replies.items()):
+                record_received(self.run_dir, site=site, job_id=self.job_id, task=task_name,
+                                round_index=self.stats.round, params=reply.params, metrics=reply.metrics,
+                                meta=reply.meta)
         usable = {}
         for site, reply in result.replies.items():
             if reply.refused:

@@ -37,6 +37,7 @@ from ultrafedfm.federation.tasks import SECAGG_TASKS, TRAIN_TASK
 from ultrafedfm.federation.wire import split_params
 from ultrafedfm.kit.identity import open_site_material
 from ultrafedfm.privacy import Admission, PolicyRefusal, admit_job
+from ultrafedfm.privacy.audit.payloads import record_outgoing
 from ultrafedfm.secagg import ContributionRefused, RoundFigures, fresh_training_seed
 from ultrafedfm.site_config import SiteConfig, find_site_config, load_site_config
 
@@ -74,7 +75,13 @@ class SiteSession:
         self._secagg: SiteSecureAggregation | None = None
 
     def handle(self, task: SiteTask) -> SiteReply:
-        """The site's answer to ``task``; raises on failure (see :meth:`failure_reply`)."""
+        """The site's answer to ``task``, logged in the site's outgoing-payload log before it is returned
+        for sending; raises on failure (see :meth:`failure_reply`)."""
+        reply = self._answer(task)
+        self._log_outgoing(task, reply)
+        return reply
+
+    def _answer(self, task: SiteTask) -> SiteReply:
         config = self._load()
         contract = TrainingContract.from_mapping(task.meta["training"])
         admission = admit_job(config.privacy, contract.job_request(task.meta.get("secagg")), site_name=self.site_name)
@@ -133,8 +140,38 @@ class SiteSession:
                      update.train_seconds, f"masked, {clipped} coordinates clipped" if masked else "sent in the clear",
                      path)
 
-    def failure_reply(self, error: BaseException) -> SiteReply:
-        """What the server learns of a failed task: the exception type, or the site's own path-free refusal."""
+    def failure_reply(self, error: BaseException, task: SiteTask | None = None) -> SiteReply:
+        """What the server learns of a failed ``task``: the exception type, or the site's own path-free refusal
+        (logged in the outgoing-payload log like every reply, when the site's configuration is known)."""
+        cache = self.config.cache if self.config is not None else None
+        reply = self._failure(error)
+        if task is not None:
+            self._log_outgoing(task, reply, cache=cache)
+        return reply
+
+    def write_audit_report(self):
+        """The site's audit report of this job (``ultrafedfm.privacy.audit``), from its own disk; ``None`` when
+        the site never loaded its configuration (nothing of this job is on its disk)."""
+        from ultrafedfm.privacy.audit import write_site_report
+
+        try:
+            config = self._load()
+        except Exception as exc:  # a site that could not even read site.yaml has nothing to report on
+            _logger.warning("%s: no audit report for job %s: %s", self.site_name, self.job_id, exc)
+            return None
+        files = write_site_report(site=self.site_name, cache=config.cache, policy=config.privacy,
+                                  kit=self.config_path.parent.parent, job_id=self.job_id)
+        _logger.info("%s: audit report of job %s written to %s", self.site_name, self.job_id, files)
+        return files
+
+    def _log_outgoing(self, task: SiteTask, reply: SiteReply, *, cache: Path | None = None) -> None:
+        cache = cache or (self.config.cache if self.config is not None else None)
+        if cache is None:  # no site.yaml read: the site does not know where its records live
+            return
+        record_outgoing(cache, site=self.site_name, job_id=self.job_id, task=task.name, round_index=task.round,
+                        params=reply.params, meta=reply.meta, metrics=reply.metrics)
+
+    def _failure(self, error: BaseException) -> SiteReply:
         if isinstance(error, PolicyRefusal):
             return SiteReply(site=self.site_name, meta={"error": str(error), "refused": str(error)})
         # Re-read site.yaml and the secure-aggregation files next time: IT may have fixed them meanwhile.

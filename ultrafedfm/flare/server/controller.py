@@ -16,7 +16,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from nvflare.apis.fl_constant import FLMetaKey, ReturnCode
+from nvflare.apis.fl_constant import FLContextKey, FLMetaKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
@@ -30,6 +30,7 @@ from ultrafedfm.federation.job_spec import JobSpec
 from ultrafedfm.federation.run_state import RunState
 from ultrafedfm.federation.server import FederatedRun
 from ultrafedfm.federation.stats import RunProgress
+from ultrafedfm.flare.server.parent_watch import watch_parent
 from ultrafedfm.kit.identity import load_server_members
 
 _logger = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ __all__ = ["MaePretrainController"]
 
 RUN_STATE_FOLDER = "ultrafedfm_runs"
 JOB_MODELS_FOLDER = "models"
+AUDIT_FOLDER = "audit"
 # What FLARE itself puts into a result's meta on the server side (ModelController, FLModelUtils):
 # the transport's, not the site's; the metrics' copy is vetted as the reply's metrics. Everything
 # else in the meta is the site's own and is vetted (tests/flare/test_flare_secagg_sim.py records it).
@@ -71,13 +73,37 @@ class MaePretrainController(ModelController):
             job=job, state=RunState(state_root, job.effective_run_name),
             aggregation=make_aggregation(job, members=lambda: load_server_members(local_dir)),
             exchange=self._exchange, job_id=self.fl_ctx.get_job_id(), progress=self.progress)
-        finished = run.run(connected_sites=lambda: sorted(self.sample_clients()),
-                           aborted=lambda: bool(self.abort_signal.triggered))
+        # A job process outliving a killed server must not keep saving rounds (parent_watch).
+        stop_watching = watch_parent(lambda: self.abort_signal.trigger(True))
+        try:
+            finished = run.run(connected_sites=lambda: sorted(self.sample_clients()),
+                               aborted=lambda: bool(self.abort_signal.triggered))
+        finally:
+            stop_watching()
         if finished:
             job_models = Path(self.get_run_dir()) / JOB_MODELS_FOLDER  # what `nvflare job download` returns
             job_models.mkdir(parents=True, exist_ok=True)
             for path in run.exported:
                 shutil.copy2(path, job_models / path.name)
+        self._write_audit_report(run.state.dir, workspace_root)
+
+    def _write_audit_report(self, run_dir: Path, workspace_root: Path) -> None:
+        """The server's audit report of this job, in the run folder and in the job folder `nvflare job download`
+        returns. A report that cannot be written is an ERROR in the log, never a failed job."""
+        from ultrafedfm.privacy.audit import server_report_dir, write_server_report
+
+        job_id = self.fl_ctx.get_job_id()
+        try:
+            files = write_server_report(run_dir=run_dir, job_id=job_id, job_spec=self.spec,
+                                        job_meta=self.fl_ctx.get_prop(FLContextKey.JOB_META), workspace=workspace_root,
+                                        out_dir=server_report_dir(run_dir, job_id))
+        except Exception:  # the run's own state is saved; the report can be rebuilt with `ultrafedfm audit`
+            self.log_exception(self.fl_ctx, "the server's audit report could not be written; rebuild it with "
+                                            "`ultrafedfm audit --server`")
+            return
+        target = Path(self.get_run_dir()) / AUDIT_FOLDER
+        shutil.copytree(Path(files.json).parent, target, dirs_exist_ok=True)
+        self.info(f"audit report written to {Path(files.json).parent} and {target}")
 
     def _exchange(self, request: TaskRequest) -> ExchangeResult:
         """One task to ``request.targets`` through FLARE; their results as framework-free replies."""

@@ -53,13 +53,18 @@ def main() -> int:
             reply = session.handle(task)
         except PolicyRefusal as exc:
             _logger.error("%s", exc)
-            reply = session.failure_reply(exc)
+            reply = session.failure_reply(exc, task)
         except Exception as exc:  # reported to the server; the process stays up for the next task
             _logger.exception("%s: task '%s' of round %d failed", session.site_name, task.name, task.round + 1)
-            reply = session.failure_reply(exc)
+            reply = session.failure_reply(exc, task)
         _send(reply, round_index=task.round)
         if task.name == TRAIN_TASK and reply.params is not None and SECAGG_KEY in reply.params:
             _logger.info("%s: round %d: masked input sent", session.site_name, task.round + 1)
+    try:  # the site's own audit report of the job, from its own disk (it never leaves the site)
+        session.write_audit_report()
+    except Exception:
+        _logger.exception("%s: the site's audit report could not be written; rebuild it with `ultrafedfm audit "
+                          "--site`", session.site_name)
     return 0
 
 
