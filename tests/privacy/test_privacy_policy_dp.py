@@ -70,3 +70,14 @@ def test_the_legacy_switch_needs_dp_settings_and_must_agree_with_them():
     admission = admit_job(OPEN, _request({"enabled": True, "noise_multiplier": 2.0}, differential_privacy=True),
                           site_name="a")
     assert admission.dp.noise_multiplier == 2.0
+
+
+def test_the_privacy_package_imports_neither_torch_nor_opacus():
+    # site.yaml loading and the kit tools import the policy; only a training round may pull in torch.
+    import subprocess
+    import sys
+
+    code = ("import sys, ultrafedfm.privacy, ultrafedfm.privacy.dp; "
+            "print(sorted(m for m in ('torch', 'opacus') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
