@@ -67,6 +67,8 @@ class SiteConfig:
     Args:
         cache: the site-local cache written by ``ultrafedfm ingest`` (pixels only, no PHI).
         dicom: a DICOM folder ingested into ``cache`` when the cache does not exist yet.
+        labelled: a folder of images with ``labels.csv`` (file, label, mask, group) for fine-tuning
+            jobs; each job trains on its training split, the rest stays for the site's own evaluation.
         ingest: how that ingestion turns DICOM into images (``IngestConfig``, validated when the file is read).
         device: ``cpu``, ``cuda`` or ``auto`` (``cuda`` when available).
         num_threads: torch intra-op threads for training (``None``: torch's default).
@@ -79,6 +81,7 @@ class SiteConfig:
 
     cache: Path
     dicom: Path | None = None
+    labelled: Path | None = None
     ingest: IngestConfig = field(default_factory=IngestConfig)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     num_threads: int | None = None
@@ -117,6 +120,8 @@ def load_site_config(path: str | Path, *, site_name: str | None = None) -> SiteC
     config.cache = base / config.cache.expanduser()
     if config.dicom is not None:
         config.dicom = base / config.dicom.expanduser()
+    if config.labelled is not None:
+        config.labelled = base / config.labelled.expanduser()
     if config.secagg_dir is not None:
         config.secagg_dir = base / config.secagg_dir.expanduser()
     return config

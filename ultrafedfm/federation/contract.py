@@ -12,10 +12,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 from ultrafedfm.config import check, from_mapping, to_mapping
+from ultrafedfm.federation.finetune import FinetuneSettings, build_finetune_model
 from ultrafedfm.privacy.dp.config import DPConfig
 
 if TYPE_CHECKING:  # torch-free at import: the kit tools read job specs too
-    from ultrafedfm.models.mae import MaskedAutoencoder
+    import torch
+
+    from ultrafedfm.models.downstream.encoder import EncoderWeights
     from ultrafedfm.privacy.policy import JobRequest
     from ultrafedfm.train.pretrain import PretrainConfig
 
@@ -38,6 +41,7 @@ class TrainingContract:
         num_rounds: the job's rounds (a site plans its DP budget over them).
         secure_aggregation: the site's update leaves only masked (``ultrafedfm.secagg``).
         dp: DP-SGD settings (``ultrafedfm.privacy.dp.DPConfig``; ``enabled: false``: off).
+        finetune: a fine-tuning job's task (``federation.finetune.FinetuneSettings``); ``None``: MAE pretraining.
     """
 
     job: str
@@ -55,6 +59,7 @@ class TrainingContract:
     num_rounds: int
     secure_aggregation: bool
     dp: DPConfig = DPConfig()
+    finetune: FinetuneSettings | None = None
 
     def __post_init__(self) -> None:
         check((self.local_epochs is None) != (self.local_steps is None), "local_epochs",
@@ -83,12 +88,16 @@ class TrainingContract:
             num_workers=num_workers,
         )
 
-    def initial_model(self) -> "MaskedAutoencoder":
-        """The MAE this contract describes, initialised from its seed (identical on every site and the server)."""
+    def initial_model(self, *, encoder: "EncoderWeights | None" = None) -> "torch.nn.Module":
+        """The network this contract describes, initialised from its seed (identical on every site and the
+        server): the MAE, or for a fine-tuning job the downstream model (its encoder from ``encoder`` when given)."""
         import torch
 
         from ultrafedfm.train.pretrain import build_model
 
+        if self.finetune is not None:
+            return build_finetune_model(self.finetune, preset=self.preset, img_size=self.img_size, seed=self.seed,
+                                        encoder=encoder)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             return build_model(self.pretrain_config())

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Literal
 
 from ultrafedfm.config import check
 from ultrafedfm.federation.contract import TrainingContract
+from ultrafedfm.federation.finetune import FinetuneSettings
 from ultrafedfm.privacy.dp.config import DPConfig
 
 if TYPE_CHECKING:
@@ -51,6 +52,12 @@ class JobSpec:
             mean delta is exact to about ``n * 2^-f * secagg_max_weight / total images``.
         secagg_max_sites: the largest round the ring-overflow bound is checked for.
         secagg_phase_timeout_s: how long each key-exchange / consistency / unmask phase waits.
+    Fine-tuning (docs/finetuning.md; ``None``: MAE pretraining):
+        finetune: the downstream task (``federation.finetune.FinetuneSettings``: classification or
+            segmentation, classes, full or linear); each site trains on the training split of the
+            labelled folder its ``site.yaml`` names (``labelled:``).
+        init_encoder: a pretrained encoder file on the server (``encoder.safetensors``) the
+            global model starts from; ``None``: a random initialisation (the from-scratch arm).
     Differential privacy (docs/differential-privacy.md; off by default):
         dp: DP-SGD at every site (``ultrafedfm.privacy.dp.DPConfig``): a noise multiplier or a
             target epsilon for the whole job (each site computes its noise from its own image
@@ -85,6 +92,8 @@ class JobSpec:
     secagg_max_sites: int = 32
     secagg_phase_timeout_s: int = 60
     dp: DPConfig = DPConfig()
+    finetune: FinetuneSettings | None = None
+    init_encoder: str | None = None
 
     def __post_init__(self) -> None:
         check(self.name.replace("_", "").replace("-", "").isalnum(), "name", "letters, digits, '-' and '_' only")
@@ -109,6 +118,11 @@ class JobSpec:
         if self.secure_aggregation:
             check(self.min_sites >= 2, "min_sites", "secure aggregation needs at least 2 sites per round (3 recommended)")
             self.secagg_config()  # validates max_weight / max_sites against the ring bound, naming the key
+        check(self.init_encoder is None or self.finetune is not None, "init_encoder",
+              "only a fine-tuning job (finetune: set) starts from a pretrained encoder")
+        # Refused, not ignored: DP-SGD through the fine-tuning trainer is not accounted yet.
+        check(self.finetune is None or not self.dp.enabled, "dp",
+              "DP-SGD is not available for fine-tuning jobs yet; run it without dp, or pretrain with DP")
 
     @property
     def effective_run_name(self) -> str:
@@ -134,7 +148,7 @@ class JobSpec:
             norm_pix_loss=self.norm_pix_loss, degradations=self.degradations, local_epochs=self.local_epochs,
             local_steps=self.local_steps, batch_size=self.batch_size, base_lr=self.base_lr,
             weight_decay=self.weight_decay, seed=self.seed, num_rounds=self.num_rounds,
-            secure_aggregation=self.secure_aggregation, dp=self.dp,
+            secure_aggregation=self.secure_aggregation, dp=self.dp, finetune=self.finetune,
         )
 
     def learning_rate(self, round_index: int) -> float:
@@ -172,4 +186,14 @@ JOB_SPECS: dict[str, JobSpec] = {
     # Small enough for CI and the demo on a 2-core CPU.
     "mae_pretrain_tiny": _TINY,
     "mae_pretrain_tiny_dp": replace(_TINY, name="mae_pretrain_tiny_dp", dp=_DP),
+    # Federated fine-tuning of the paper's encoder (ViT-B/16 at 224 px) for breast-lesion diagnosis and
+    # lesion segmentation; set init_encoder to the pretrained encoder on the server before submitting.
+    "finetune_cls": replace(
+        _PAPER, name="finetune_cls", finetune=FinetuneSettings(task="cls", classes=("benign", "malignant", "normal")),
+        num_rounds=50, warmup_rounds=5, batch_size=32, base_lr=5e-4, export_encoder=False,
+    ),
+    "finetune_seg": replace(
+        _PAPER, name="finetune_seg", finetune=FinetuneSettings(task="seg"), num_rounds=50, warmup_rounds=5,
+        batch_size=16, base_lr=5e-4, export_encoder=False,
+    ),
 }

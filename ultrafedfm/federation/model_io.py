@@ -23,10 +23,11 @@ if TYPE_CHECKING:
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["ENCODER_FILE", "FINAL_MODEL_FILE", "export_final_model", "load_params", "model_params"]
+__all__ = ["ENCODER_FILE", "FINAL_MODEL_FILE", "FINETUNED_FOLDER", "export_final_model", "load_params", "model_params"]
 
 FINAL_MODEL_FILE = "final_model.pt"
 ENCODER_FILE = "encoder.safetensors"
+FINETUNED_FOLDER = "finetuned"
 
 
 def model_params(model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -44,11 +45,22 @@ def export_final_model(
     params: Mapping[str, np.ndarray], *, contract: TrainingContract, out_dir: str | Path, export_encoder: bool = True,
     card: "ModelCard | None" = None,
 ) -> list[Path]:
-    """Write :data:`FINAL_MODEL_FILE` (and the encoder with its sidecar and ``card``) into ``out_dir``; the paths."""
+    """Write :data:`FINAL_MODEL_FILE` (and the encoder with its sidecar and ``card``) into ``out_dir``; the paths.
+
+    A fine-tuning job writes the fine-tuned model instead: :data:`FINETUNED_FOLDER` with
+    ``model.safetensors``, ``model.json`` (its spec) and the card (``ultrafedfm.models.downstream``).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = contract.initial_model()
     load_params(model, params)
+    if contract.finetune is not None:
+        from ultrafedfm.federation.finetune import downstream_spec
+        from ultrafedfm.models.downstream.spec import save_downstream
+
+        spec = downstream_spec(contract.finetune, preset=contract.preset, img_size=contract.img_size)
+        save_downstream(model, spec, out_dir / FINETUNED_FOLDER, card=card)
+        return sorted((out_dir / FINETUNED_FOLDER).iterdir())
     final = atomic_torch_save(model.state_dict(), out_dir / FINAL_MODEL_FILE)
     paths = [final]
     if export_encoder:

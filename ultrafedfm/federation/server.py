@@ -53,15 +53,30 @@ def encoder_card(job: JobSpec, history: Sequence[dict], *, aggregation: str) -> 
         privacy = "no DP-SGD (epsilon = infinity: the model itself may reveal training images)"
     privacy += "; secure aggregation" if job.secure_aggregation else "; deltas aggregated in the clear"
     last_loss = next((row["global_loss"] for row in reversed(applied) if row.get("global_loss") is not None), None)
-    notes = [f"final global training loss (MAE, masked patches) {last_loss:.4f}"] if last_loss is not None else []
+    what = "MAE, masked patches" if job.finetune is None else "fine-tuning loss"
+    notes = [f"final global training loss ({what}) {last_loss:.4f}"] if last_loss is not None else []
+    if job.finetune is not None:
+        start = f"from the encoder {Path(job.init_encoder).name}" if job.init_encoder else "from a random initialisation"
+        return ModelCard(title=f"UltraFedFM {'classifier' if job.finetune.task == 'cls' else 'segmenter'} from "
+                         f"federated fine-tuning job '{job.name}'",
+                         kind="classifier" if job.finetune.task == "cls" else "segmenter", preset=job.preset,
+                         data=tuple(data), training=f"federated fine-tuning ({job.finetune.mode}, {aggregation}) "
+                         f"{start}, {job.img_size} px; each site trained on its own training split only",
+                         rounds=len(applied), privacy=privacy, classes=job.finetune.classes, notes=tuple(notes))
     return ModelCard(title=f"UltraFedFM encoder from federated job '{job.name}'", kind="encoder", preset=job.preset,
                      data=tuple(data), training=f"federated MAE pretraining ({aggregation}), {job.img_size} px, mask "
                      f"ratio {job.mask_ratio:g}", rounds=len(applied), privacy=privacy, notes=tuple(notes))
 
 
 def initial_params(job: JobSpec) -> dict[str, np.ndarray]:
-    """The job's initial global model (seeded, so every process builds the same one)."""
-    return model_params(job.training_contract().initial_model())
+    """The job's initial global model (seeded, so every process builds the same one); a fine-tuning job's
+    encoder comes from its ``init_encoder`` file on the server when set."""
+    encoder = None
+    if job.init_encoder:
+        from ultrafedfm.models.downstream.encoder import load_encoder
+
+        encoder = load_encoder(job.init_encoder, img_size=job.img_size)
+    return model_params(job.training_contract().initial_model(encoder=encoder))
 
 
 class FederatedRun:

@@ -57,6 +57,7 @@ class SiteTrainer:
         self._contract: TrainingContract | None = None
         self._site_dp: SiteDP | None = None
         self._dp_plans: dict[tuple[TrainingContract, int], DPPlan] = {}
+        self._labelled: dict[TrainingContract, Any] = {}
         if site_config.num_threads:
             torch.set_num_threads(site_config.num_threads)
 
@@ -103,7 +104,7 @@ class SiteTrainer:
         model = self.model(contract)
         load_params(model, global_params)
         start = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        dataset = self.dataset(contract.img_size)
+        dataset = self.training_data(contract)
         dp_round = None
         if contract.dp.enabled:  # charged before any step: a round past the site's cap never trains
             dp_round = self.site_dp().begin_round(self._dp_plan(contract, len(dataset)), job_id=job_id,
@@ -121,20 +122,45 @@ class SiteTrainer:
             _logger.info("%s: round %d: DP-SGD spent epsilon %.3f for this job (delta %.2g; lifetime %.3f), noise %.3f",
                          self.site_name, round_index + 1, privacy.epsilon_job, privacy.delta,
                          privacy.epsilon_lifetime, privacy.noise_multiplier)
-        return SiteUpdate(delta=delta, num_samples=len(dataset), steps=int(result.steps),
-                          loss=float(result.mean_loss), train_seconds=float(result.seconds), privacy=privacy)
+        steps, loss, seconds = result
+        return SiteUpdate(delta=delta, num_samples=len(dataset), steps=int(steps), loss=float(loss),
+                          train_seconds=float(seconds), privacy=privacy)
+
+    def training_data(self, contract: TrainingContract):
+        """What this site trains on: its image cache (pretraining), or the training split of its labelled
+        folder (fine-tuning; kept per contract)."""
+        if contract.finetune is None:
+            return self.dataset(contract.img_size)
+        if contract not in self._labelled:
+            from ultrafedfm.federation.finetune import site_training_view
+
+            self._labelled[contract] = site_training_view(self.config, contract.finetune, img_size=contract.img_size,
+                                                          seed=contract.seed, site_name=self.site_name)
+        return self._labelled[contract]
 
     def _train(self, model, dataset, contract: TrainingContract, *, lr: float, round_index: int,
-               generator_seed: int | None, privatize):
-        from ultrafedfm.train.pretrain import train_local
-
+               generator_seed: int | None, privatize) -> tuple[int, float, float]:
+        """(steps, mean loss, seconds) of one round's local training."""
         if generator_seed is None:
             generator_seed = local_generator_seed(contract.seed, round_index, self.site_name)
-        return train_local(
+        if contract.finetune is not None:
+            from ultrafedfm.federation.finetune import finetune_config
+            from ultrafedfm.train.finetune_local import finetune_local
+
+            config = finetune_config(contract.finetune, batch_size=contract.batch_size, base_lr=contract.base_lr,
+                                     weight_decay=contract.weight_decay, seed=contract.seed)
+            update = finetune_local(model=model, global_state=model.state_dict(), dataset=dataset, config=config,
+                                    lr=lr, epochs=contract.local_epochs, steps=contract.local_steps,
+                                    privatize=privatize, generator_seed=generator_seed, device=self._device())
+            return update.steps, update.loss, update.train_seconds
+        from ultrafedfm.train.pretrain import train_local
+
+        result = train_local(
             model=model, dataset=dataset, config=contract.pretrain_config(num_workers=self.config.num_workers),
             epochs=contract.local_epochs, steps=contract.local_steps, lr=lr, device=self._device(),
             checkpoint_dir=None, resume=False, privatize=privatize, generator_seed=generator_seed, progress=False,
         )
+        return result.steps, result.mean_loss, result.seconds
 
     def site_dp(self) -> SiteDP:
         """The site's DP-SGD state: its policy and its ledger (beside its cache), for its whole life."""
