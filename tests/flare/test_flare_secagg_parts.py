@@ -1,6 +1,9 @@
 """The pieces of secure aggregation in FLARE, without a simulator run: policy, site material, the wire format."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -10,7 +13,7 @@ from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from nvflare.fuel.utils import fobs
 
 from ultrafedfm.config import ConfigError, from_mapping, to_mapping
-from ultrafedfm.federation.job_spec import JOB_SPECS
+from ultrafedfm.federation.job_spec import JOB_SPECS, JobSpec
 from ultrafedfm.federation.secure_site import SiteSecureAggregation
 from ultrafedfm.federation.wire import (
     ROUND_CONTEXT_KEY, SECAGG_KEY, message_from_params, message_to_array, site_key, split_params,
@@ -25,6 +28,9 @@ from ultrafedfm.secagg import (
     IdentityError, MaskedInput, MembershipError, RoundContext, RoundFigures, SecAggConfig, SecAggServer, model_digest,
 )
 from ultrafedfm.site_config import SiteConfig, load_site_config
+
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _request(spec=JOB_SPECS["mae_pretrain_tiny"], **changes) -> JobRequest:
@@ -81,10 +87,15 @@ def test_the_server_cannot_weaken_secure_aggregation_settings_at_a_site(tmp_path
         admit_job(policy, _request(secagg=None), site_name="site-2")
 
 
-def test_secure_aggregation_is_on_in_both_committed_jobs():
-    for spec in JOB_SPECS.values():
-        assert spec.secure_aggregation and spec.min_sites >= 3
-        assert isinstance(spec.secagg_config(), SecAggConfig) and spec.secagg_config().consistency_check
+def test_secure_aggregation_is_on_in_every_committed_job_folder():
+    # What a consortium submits: the folders under jobs/, read as the server's controller reads them.
+    folders = sorted(p.parent.parent.parent for p in (REPO / "jobs").glob("*/app/config/config_fed_server.json"))
+    assert {f.name for f in folders} >= {"mae_pretrain", "mae_pretrain_tiny", "mae_pretrain_dp", "mae_pretrain_tiny_dp"}
+    for folder in folders:
+        config = json.loads((folder / "app" / "config" / "config_fed_server.json").read_text())
+        spec = from_mapping(JobSpec, config["workflows"][0]["args"]["spec"], source=str(folder))
+        assert spec.secure_aggregation and spec.min_sites >= 3, folder.name
+        assert isinstance(spec.secagg_config(), SecAggConfig) and spec.secagg_config().consistency_check, folder.name
 
 
 def test_the_site_floor_privacy_min_sites_defaults_to_3_refuses_less_and_raises_the_jobs_floor(tmp_path):

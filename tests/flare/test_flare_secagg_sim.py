@@ -120,7 +120,7 @@ def test_a_secure_round_equals_fedavg_and_the_server_receives_and_keeps_nothing_
     replies_file = tmp_path / "replies.jsonl"
     result, state = simulate(tmp_path, spec, {n: secure_site(c) for n, c in caches.items()},
                              record_replies=replies_file)
-    assert workspace_processes(result.workspace) == []
+    assert result.left_running == []
     rows = state.read_rounds()
     assert len(rows) == 1 and rows[0]["applied"], result.server_log.read_text()[-3000:]
     assert rows[0]["participants"] == sorted(sizes) and rows[0]["failed"] == {}
@@ -200,7 +200,7 @@ def test_a_site_dying_after_its_masked_input_is_recovered_by_the_others(tmp_path
         done.set()
         watcher.join()
     assert killed, "site-4's process was not found after its masked input"
-    assert workspace_processes(result.workspace) == []
+    assert result.left_running == []
     rows = state.read_rounds()
     assert len(rows) == 1 and rows[0]["applied"], result.server_log.read_text()[-3000:]
     row = rows[0]
@@ -220,7 +220,7 @@ def test_too_few_masked_inputs_abort_the_round_and_leave_the_model_unchanged(tmp
     spec = secure_spec(tmp_path)
     configs = {n: secure_site(c) for n, c in caches.items()} | {"site-3": secure_site(tmp_path / "missing")}
     result, state = simulate(tmp_path, spec, configs)
-    assert workspace_processes(result.workspace) == []
+    assert result.left_running == []
     rows = state.read_rounds()
     assert len(rows) == 1 and not rows[0]["applied"], result.server_log.read_text()[-3000:]
     assert "CacheNotFoundError" in rows[0]["failed"]["site-3"]
@@ -237,7 +237,7 @@ def test_a_site_requiring_secure_aggregation_refuses_a_plaintext_job(tmp_path):
     spec = tiny_spec(tmp_path, num_rounds=1, warmup_rounds=0, min_sites=1)  # secure_aggregation off
     configs = {"site-1": site(caches["site-1"]), "site-2": secure_site(caches["site-2"])}
     result, state = simulate(tmp_path, spec, configs)
-    assert workspace_processes(result.workspace) == []
+    assert result.left_running == []
     row = state.read_rounds()[0]
     assert row["participants"] == ["site-1"]
     refusal = row["failed"]["site-2"]

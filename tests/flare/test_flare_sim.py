@@ -38,7 +38,7 @@ def test_one_site_with_e_local_epochs_equals_centralized_training(tmp_path):
     cache = make_cache(tmp_path / "c1", n_images=10, seed=1)
     spec = tiny_spec(tmp_path, num_rounds=1, warmup_rounds=0, local_epochs=2)
     result, state = simulate(tmp_path, spec, {"site-1": site(cache)})
-    assert workspace_processes(result.workspace) == []
+    assert result.left_running == []
     checkpoint = state.load()
     assert checkpoint is not None and checkpoint.last_completed_round == 0, result.server_log
 
@@ -64,7 +64,7 @@ def test_unequal_sites_are_weighted_by_sample_count_and_loss_falls(tmp_path):
               for i, (n, k) in enumerate(sizes.items())}
     spec = tiny_spec(tmp_path, num_rounds=3, warmup_rounds=1, min_sites=2)
     result, state = simulate(tmp_path, spec, {n: site(c) for n, c in caches.items()})
-    assert workspace_processes(result.workspace) == []
+    assert result.left_running == []
     rows = state.read_rounds()
     assert [r["round"] for r in rows] == [0, 1, 2], result.server_log
     assert all(r["applied"] and r["participants"] == ["site-1", "site-2"] for r in rows)

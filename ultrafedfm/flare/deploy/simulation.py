@@ -16,9 +16,14 @@ keeps its pins and contribution ledger there too) and puts the member list at
 server kit has it. A deployment uses its kits and enrolled keys.
 
 We start ``nvflare.private.fed.app.simulator.simulator`` ourselves (what ``nvflare simulator``
-and ``FedJob.simulator_run`` do) so that we own its process group, and we end every process
-still working in the workspace when it returns -- site training processes run in their own
-sessions. Its exit code is not trusted: callers check the run's saved rounds.
+and ``FedJob.simulator_run`` do) so that we own its process group. When it has exited we give
+the processes it started a short grace period to end on their own (site training processes run
+in their own sessions), then record what is *still* running in the workspace
+(``SimulationResult.left_running``: the simulator's own shutdown left it behind, or, after we
+stopped the simulator, what our kill of its process group could not reach) and only then end
+those processes. Callers that test a clean shutdown assert on ``left_running``; checking the
+workspace afterwards would only see our cleanup. The exit code is not trusted either: callers
+check the run's saved rounds.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -45,17 +50,29 @@ from ultrafedfm.site_config import SITE_CONFIG_FILE
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["SimulationResult", "prepare_workspace", "run_simulation", "secagg_folder", "workspace_processes"]
+__all__ = ["LEFT_RUNNING_WARNING", "SimulationResult", "prepare_workspace", "run_simulation", "secagg_folder",
+           "workspace_processes"]
 
 SIMULATOR_MODULE = "nvflare.private.fed.app.simulator.simulator"
 SERVER_LOG = Path("server") / "log.txt"
+# Logged (WARNING) with the workspace and the command lines when something outlived the simulator.
+LEFT_RUNNING_WARNING = "processes still running when the simulator had exited"
 
 
 @dataclass
 class SimulationResult:
+    """How a simulation ended.
+
+    ``left_running``: the command lines of processes still running in the workspace after the
+    simulator exited and a grace period passed, recorded before they were ended here. Empty when
+    the simulator shut everything down itself. After ``returncode is None`` (we killed the
+    simulator's process group) it lists what that kill could not reach.
+    """
+
     returncode: int | None  # None: we stopped it (timeout or on request)
     seconds: float
     workspace: Path
+    left_running: list[str] = field(default_factory=list)
 
     @property
     def server_log(self) -> Path:
@@ -118,6 +135,7 @@ def run_simulation(
     log_file = (workspace.parent / f"{workspace.name}.simulator.log").open("ab")
     process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     returncode: int | None = None
+    left_running: list[str] = []
     try:
         while True:
             try:
@@ -137,15 +155,20 @@ def run_simulation(
         if returncode is None:
             _signal_group(process.pid, signal.SIGKILL)
             process.wait()
-        _end_workspace_processes(workspace)
+        left_running = _end_workspace_processes(workspace)
         log_file.close()
     if poll is not None:
         poll()
-    return SimulationResult(returncode=returncode, seconds=time.monotonic() - start, workspace=workspace)
+    return SimulationResult(returncode=returncode, seconds=time.monotonic() - start, workspace=workspace,
+                            left_running=left_running)
 
 
 def workspace_processes(workspace: str | Path) -> list[int]:
     """PIDs of processes whose working directory or command line lies in ``workspace``."""
+    return [pid for pid, _ in _workspace_process_lines(workspace)]
+
+
+def _workspace_process_lines(workspace: str | Path) -> list[tuple[int, str]]:
     root = str(Path(workspace).resolve())
     found = []
     for entry in Path("/proc").iterdir():
@@ -153,21 +176,29 @@ def workspace_processes(workspace: str | Path) -> list[int]:
             continue
         try:
             cwd = os.readlink(entry / "cwd")
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue
         if cwd == root or cwd.startswith(root + os.sep) or root in cmdline:
-            found.append(int(entry.name))
+            found.append((int(entry.name), cmdline))
     return found
 
 
-def _end_workspace_processes(workspace: Path, grace_s: float = 5.0) -> None:
-    """Stop what the simulator left running in ``workspace`` (site trainers live in their own sessions)."""
+def _end_workspace_processes(workspace: Path, grace_s: float = 5.0) -> list[str]:
+    """End what is still running in ``workspace`` after ``grace_s``; returns those processes' command lines.
+
+    The list is taken before anything is signalled, so it shows what the simulator's own shutdown
+    (or our kill of its process group) left behind.
+    """
     deadline = time.monotonic() + grace_s
-    pids = workspace_processes(workspace)
-    while pids and time.monotonic() < deadline:
+    found = _workspace_process_lines(workspace)
+    while found and time.monotonic() < deadline:
         time.sleep(0.2)
-        pids = workspace_processes(workspace)
+        found = _workspace_process_lines(workspace)
+    left = [f"{pid} {cmdline}" for pid, cmdline in found]
+    if left:
+        _logger.warning("%s, in %s (ending them now): %s", LEFT_RUNNING_WARNING, workspace, left)
+    pids = [pid for pid, _ in found]
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
             try:
@@ -177,9 +208,10 @@ def _end_workspace_processes(workspace: Path, grace_s: float = 5.0) -> None:
         time.sleep(0.5)
         pids = workspace_processes(workspace)
         if not pids:
-            return
+            break
     if pids:
-        _logger.warning("processes still running in %s: %s", workspace, pids)
+        _logger.error("processes survived SIGKILL in %s: %s", workspace, pids)
+    return left
 
 
 def _signal_group(pgid: int, sig: int) -> None:
