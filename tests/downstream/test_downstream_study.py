@@ -59,3 +59,18 @@ def test_smoke_study_federated_arms_run_in_the_flare_simulator_with_and_without_
     # The DP arm's card carries the epsilon each site's own ledger recorded.
     dp_card = json.loads((tmp_path / "study" / "pretrain" / "federated_dp" / "encoder.json").read_text())["card"]
     assert "site-1 epsilon" in dp_card["privacy"] and "no DP-SGD" not in dp_card["privacy"]
+
+
+def test_a_unit_locked_by_a_live_process_is_skipped_and_a_dead_ones_lock_is_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    from ultrafedfm.study.runner import Unit, _claim
+
+    unit = Unit("finetune", "scratch", "busi_cls", 1.0, 0)
+    lock = _claim(tmp_path, unit)
+    assert lock is not None and lock.read_text().strip() == str(__import__("os").getpid())
+    assert _claim(tmp_path, unit) is None  # held by this (live) process
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(dead.stdout)  # a process that has exited
+    assert _claim(tmp_path, unit) == lock

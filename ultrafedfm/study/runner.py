@@ -15,10 +15,17 @@ Layout under ``out``::
     examples/                segmentation example PNGs
     results.md, figures/     the report
     study.log                appended by ``ultrafedfm study``
+
+Several processes may run one study folder at once (start the command twice): a process claims
+a unit with an exclusive lock file (``results/<unit>.lock`` holding its PID) and the others skip
+it; a lock whose process is gone is taken over. Data preparation runs under a folder lock.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
 import time
 import traceback
 from dataclasses import dataclass
@@ -84,6 +91,41 @@ def plan_units(preset: StudyPreset) -> list[Unit]:
 
 def _result_path(out: Path, unit: Unit) -> Path:
     return out / "results" / f"{unit.key}.json"
+
+
+def _claim(out: Path, unit: Unit) -> Path | None:
+    """Take the unit's lock file (``None``: a live process holds it). A dead holder's lock is taken over."""
+    lock = _result_path(out, unit).with_suffix(".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                holder = int(lock.read_text(encoding="ascii").strip() or 0)
+                os.kill(holder, 0)
+                return None  # alive: another process runs this unit
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                lock.unlink(missing_ok=True)  # its process is gone (killed mid-unit)
+                continue
+            except PermissionError:
+                return None
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(f"{os.getpid()}\n")
+        return lock
+    return None
+
+
+@contextlib.contextmanager
+def _folder_lock(path: Path):
+    """An exclusive ``flock`` on ``path`` for the duration of the block (waits for other processes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="ascii") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _jsonable(value: Any) -> Any:
@@ -195,7 +237,8 @@ def run_study(*, out: str | Path, preset: StudyPreset, data_root: str | Path, pr
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "preset.json", to_mapping(preset))
     started = time.perf_counter()
-    data = prepare_data(data_root, out, preset, progress=progress)
+    with _folder_lock(out / ".prepare.lock"):  # two processes must not ingest into one cache at once
+        data = prepare_data(data_root, out, preset, progress=progress)
     units = plan_units(preset)
     failures: dict[str, str] = {}
     ran = skipped = 0
@@ -212,6 +255,12 @@ def run_study(*, out: str | Path, preset: StudyPreset, data_root: str | Path, pr
             if unit.kind == "finetune" and unit.arm in PRETRAIN_ARMS and not (out / "results" / f"{needs}.json").is_file():
                 failures[unit.key] = f"waiting for {needs}"
                 continue
+            lock = _claim(out, unit)
+            if lock is None or path.is_file():  # another process runs it, or just finished it
+                if lock is not None:
+                    lock.unlink(missing_ok=True)
+                failures[unit.key] = "running in another process"
+                continue
             _logger.info("[%d/%d] %s", index, len(units), unit.key)
             try:
                 runner = _run_pretrain if unit.kind == "pretrain" else _run_finetune
@@ -222,9 +271,12 @@ def run_study(*, out: str | Path, preset: StudyPreset, data_root: str | Path, pr
                 append_line(out / "failures.log",
                             f"{time.strftime('%Y-%m-%d %H:%M:%S')} {unit.key}: {failures[unit.key]}")
                 continue
-            atomic_write_json(path, _jsonable({"unit": unit.key, **result}))
-            failures.pop(unit.key, None)
-            ran += 1
+            else:
+                atomic_write_json(path, _jsonable({"unit": unit.key, **result}))
+                failures.pop(unit.key, None)
+                ran += 1
+            finally:
+                lock.unlink(missing_ok=True)
         if ran == ran_before or (stop_after is not None and ran >= stop_after):
             break
     remaining = [u.key for u in units if not _result_path(out, u).is_file()]

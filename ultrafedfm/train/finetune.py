@@ -16,7 +16,7 @@ Example::
 
     config = FinetuneConfig(task="cls", epochs=30)
     result = fit(model, train=train_view, config=config, metric_name="auroc_macro",
-                 validate=lambda m: evaluate_split(m, val_view, task="cls").metrics["auroc_macro"])
+                 validate=lambda m: evaluate_split(m, val_view, classes=classes).metrics["auroc_macro"])
     model.load_state_dict(result.best_state)
 """
 from __future__ import annotations
