@@ -1,9 +1,8 @@
 """A real federated run in one process (the federation core over ``LocalExchange``), with the audit wired in.
 
-``AuditedExchange`` makes, around every task, exactly the calls the transport layer is to make:
-the site logs each reply it sends (``record_outgoing``, at the site, into its cache) and the
-server logs each reply it receives (``record_received``, into the run folder); at the end the
-server and every site write their reports. Used by the audit's integration test and to generate
+The product makes the audit calls itself: each site's ``SiteSession`` logs every reply it returns
+(``record_outgoing``, into its cache) and the server's ``RoundContext`` every reply it receives
+(``record_received``, into the run folder); at the end the server and every site write their reports. Used by the audit's integration test and to generate
 the example report of docs/privacy-audit.md::
 
     .venv/bin/python tests/audit/local_run.py --out docs/audit-example
@@ -25,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shar
 from caches import make_cache  # noqa: E402
 from ultrafedfm.config import to_mapping  # noqa: E402
 from ultrafedfm.federation.aggregation import make_aggregation  # noqa: E402
-from ultrafedfm.federation.exchange import ExchangeResult, TaskRequest  # noqa: E402
 from ultrafedfm.federation.job_spec import JOB_SPECS  # noqa: E402
 from ultrafedfm.federation.local import LocalExchange  # noqa: E402
 from ultrafedfm.federation.run_state import RunState  # noqa: E402
@@ -34,32 +32,13 @@ from ultrafedfm.federation.site_session import SiteSession  # noqa: E402
 from ultrafedfm.kit.enroll import load_server_membership  # noqa: E402
 from ultrafedfm.kit.simulation_members import make_simulation_members  # noqa: E402
 from ultrafedfm.privacy.audit import (  # noqa: E402
-    ReportFiles, read_received_records, record_outgoing, record_received, write_server_report, write_site_report,
+    ReportFiles, read_received_records, write_server_report, write_site_report,
 )
 from ultrafedfm.privacy.dp import DPConfig  # noqa: E402
 from ultrafedfm.site_config import load_site_config  # noqa: E402
 
 SIZES = {"hospital-a": 24, "hospital-b": 32, "hospital-c": 40}
 JOB_ID = "5f0c2d1e-local-example"
-
-
-class AuditedExchange:
-    """``LocalExchange`` plus the audit calls of both ends (what FLARE's site script and controller will make)."""
-
-    def __init__(self, inner: LocalExchange, *, caches: dict[str, Path], run_dir: Path, job_id: str):
-        self.inner, self.caches, self.run_dir, self.job_id = inner, caches, run_dir, job_id
-
-    def connected_sites(self) -> list[str]:
-        return self.inner.connected_sites()
-
-    def __call__(self, request: TaskRequest) -> ExchangeResult:
-        result = self.inner(request)
-        for site, reply in sorted(result.replies.items()):
-            record_outgoing(self.caches[site], site=site, job_id=self.job_id, task=request.task_name,
-                            round_index=request.round, params=reply.params, meta=reply.meta, metrics=reply.metrics)
-            record_received(self.run_dir, site=site, job_id=self.job_id, task=request.task_name,
-                            round_index=request.round, params=reply.params, metrics=reply.metrics, meta=reply.meta)
-        return result
 
 
 @dataclass
@@ -90,7 +69,8 @@ def run(root: Path, *, out: Path, rounds: int = 2, secure: bool = True, dp: bool
         (kit / "local" / "site.yaml").write_text(yaml.safe_dump(entry))
         sessions[name] = SiteSession(site_name=name, job_id=JOB_ID, start_dir=kit)
     state = RunState(spec.run_state_dir, spec.effective_run_name)
-    exchange = AuditedExchange(LocalExchange(sessions), caches=caches, run_dir=state.dir, job_id=JOB_ID)
+    # The product logs both ends itself: the session every reply it returns, the round every reply it gets.
+    exchange = LocalExchange(sessions)
     members = lambda: load_server_membership(root / "secagg" / "members.json")  # noqa: E731
     federated = FederatedRun(job=spec, state=state, aggregation=make_aggregation(spec, members=members),
                              exchange=exchange, job_id=JOB_ID)

@@ -30,7 +30,9 @@ from ultrafedfm.federation.run_state import RunState
 from ultrafedfm.federation.site_figures import SiteRoundFigures, append_site_figures, site_figures_path
 from ultrafedfm.kit.enroll import load_server_membership, open_site
 from ultrafedfm.kit.simulation_members import make_simulation_members
-from ultrafedfm.privacy.audit import record_outgoing, record_received
+from ultrafedfm.privacy.audit import (
+    read_received_records, record_outgoing, record_received, write_server_report, write_site_report,
+)
 from ultrafedfm.privacy.dp import DPConfig, PrivacyLedger, plan_job, site_ledger_path
 from ultrafedfm.privacy.policy import PrivacyPolicy
 from ultrafedfm.secagg import (
@@ -224,3 +226,27 @@ def run_scenario(root: Path, *, sites: tuple[str, ...] = ("site-1", "site-2", "s
     return Scenario(root=root, sites=sites, caches=caches, kits=kits, policies=policy_objs, run_dir=run.dir,
                     download=download, server_kit=server_kit, job_id=job_id, spec=spec, sizes=sizes, rounds=rounds,
                     truth=truth)
+
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "audit"  # ignored by git
+
+
+def copy_run(run: Scenario, dest: Path) -> Scenario:
+    """The same run under ``dest`` (to tamper with)."""
+    shutil.copytree(run.root, dest)
+    moved = lambda p: dest / Path(p).relative_to(run.root)  # noqa: E731
+    return Scenario(root=dest, sites=run.sites, caches={k: moved(v) for k, v in run.caches.items()},
+                    kits={k: moved(v) for k, v in run.kits.items()}, policies=run.policies, run_dir=moved(run.run_dir),
+                    download=moved(run.download), server_kit=moved(run.server_kit), job_id=run.job_id, spec=run.spec,
+                    sizes=run.sizes, rounds=run.rounds, truth=run.truth)
+
+
+def write_reports(run: Scenario, out: Path, *, site: str = "site-1") -> tuple[dict, dict, Path, Path]:
+    """The server's report (from the download, the run folder and its kit), then ``site``'s, matched against it."""
+    server = write_server_report(run_dir=run.run_dir, roots=[run.download], workspace=run.server_kit,
+                                 out_dir=out / "server")
+    site_files = write_site_report(site=site, cache=run.caches[site], policy=run.policies[site], kit=run.kits[site],
+                                   job_id=run.job_id, received=read_received_records(server.json),
+                                   out_dir=out / site)
+    return (json.loads(server.json.read_text()), json.loads(site_files.json.read_text()), server.html,
+            site_files.html)

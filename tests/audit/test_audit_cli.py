@@ -5,7 +5,7 @@ import json
 
 import yaml
 
-from conftest import copy_run
+from scenario import copy_run
 from ultrafedfm.cli import main
 
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from conftest import copy_run, write_reports
+from scenario import copy_run, write_reports
 from scenario import run_scenario
 from ultrafedfm.privacy.audit import write_site_report
 

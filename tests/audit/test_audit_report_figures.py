@@ -143,7 +143,7 @@ def test_site_messages_and_bytes_equal_what_the_site_sent(finished_run, reports)
 
 
 def test_a_site_that_dropped_out_shows_the_round_it_did_not_send(finished_run, tmp_path):
-    from conftest import write_reports
+    from scenario import write_reports
 
     _, site3, _, _ = write_reports(finished_run, tmp_path, site="site-3")
     trained = sorted(m["round"] for m in site3["messages"]["items"] if m["task"] == "train")
