@@ -2,8 +2,10 @@
 
 Provisions with our own ``kit init`` code (mutual TLS, free ports chosen here, HOME pointed at
 a temporary folder), starts the server and the sites as real processes in their own sessions,
-drives the admin side through the ``nvflare`` CLI with the admin's startup kit, and tears
-everything down, checking that no process is left behind.
+drives the admin side through the ``nvflare`` CLI with the admin's startup kit, injects faults
+into a participant's processes (SIGSTOP/SIGCONT, SIGKILL: the FLARE parent, its job process and
+the job's training script, found by their kit folder), and tears everything down, reporting every
+process the product's own shutdown left behind before ending it.
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ class Deployment:
     provisioned: ProvisionResult
     env: dict[str, str]
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    started_kits: dict[str, Path] = field(default_factory=dict)  # every kit started, outsiders' included
 
     @classmethod
     def provision(cls, root: Path, sites: list[str], *, name: str = "ufm-e2e") -> "Deployment":
@@ -65,7 +68,8 @@ class Deployment:
         return cls(root=root, config=config, provisioned=result, env=env)
 
     def kit(self, name: str) -> Path:
-        return self.provisioned.kits[name]
+        """A provisioned participant's kit, or the kit a participant issued later was started from."""
+        return self.provisioned.kits[name] if name in self.provisioned.kits else self.started_kits[name]
 
     @property
     def admin_kit(self) -> Path:
@@ -74,19 +78,43 @@ class Deployment:
     def log(self, name: str) -> Path:
         return self.root / f"{name}.log"
 
-    def start(self, name: str, kit: Path | None = None) -> None:
+    def start(self, name: str, kit: Path | None = None) -> subprocess.Popen:
+        """Start ``name`` from its kit (``sub_start.sh --once``: the Popen is the FLARE process itself)."""
         kit = kit or self.kit(name)
+        self.started_kits[name] = kit
         with open(self.log(name), "ab") as log:
             self.processes[name] = subprocess.Popen(
                 ["bash", str(kit / "startup" / "sub_start.sh"), "--once"],
                 cwd=kit, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
+        return self.processes[name]
 
-    def wait_for_log(self, name: str, text: str, *, timeout: float = 60.0) -> None:
+    def pids_of(self, name: str) -> list[int]:
+        """Every live process of a started participant: the FLARE parent, its job processes (their own
+        sessions) and a job's training script (working in ``<kit>/<job_id>/``), parent last."""
+        parent = self.processes[name].pid
+        pids = [pid for pid, _ in _processes_under(self.started_kits[name])]
+        return sorted(pids, key=lambda pid: pid == parent)
+
+    def signal(self, name: str, sig: int) -> list[int]:
+        """Send ``sig`` to every process of ``name`` (a hung or crashed machine, not a polite stop)."""
+        pids = self.pids_of(name)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        return pids
+
+    def log_size(self, name: str) -> int:
+        return self.log(name).stat().st_size if self.log(name).is_file() else 0
+
+    def wait_for_log(self, name: str, text: str, *, timeout: float = 60.0, after: int = 0) -> None:
+        """Wait until ``name``'s log holds ``text`` past byte ``after`` (e.g. the size before a restart)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.log(name).is_file() and text in self.log(name).read_text(errors="replace"):
+            if self.log(name).is_file() and text in self.log(name).read_bytes()[after:].decode(errors="replace"):
                 return
             proc = self.processes.get(name)
             if proc is not None and proc.poll() is not None:
@@ -121,25 +149,39 @@ class Deployment:
         )
         return proc.stdout + proc.stderr
 
+    def running(self) -> list[tuple[int, str]]:
+        """Live processes under the deployment's folder or any kit started from elsewhere (outsiders)."""
+        found: dict[int, str] = {}
+        for root in (self.root, *self.started_kits.values()):
+            found.update(_processes_under(root))
+        return sorted(found.items())
+
     def stop(self) -> list[str]:
-        """Shut everything down; returns the command lines of processes that had to be killed."""
+        """Shut everything down the product's way (``nvflare system shutdown all``), wait, and return the
+        command lines of every process still running then -- recorded before this helper kills them.
+        A second call (the fixture's teardown after the last test stopped it) finds nothing to do."""
+        if not self.running() and all(p.poll() is not None for p in self.processes.values()):
+            return []
         try:
             self.nvflare("system", "shutdown", "all", "--force", timeout=60, check=False)
         except (subprocess.TimeoutExpired, OSError):
             pass
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(p.poll() is None for p in self.processes.values()):
+        while time.monotonic() < deadline and (any(p.poll() is None for p in self.processes.values())
+                                               or self.running()):
             time.sleep(0.5)
-        leftovers = []
-        for pid, cmdline in _processes_under(self.root):
-            leftovers.append(cmdline)
+        leftovers = [cmdline for _, cmdline in self.running()]  # the FLARE parents are among them (kit paths)
+        for pid, _ in self.running():
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         for proc in self.processes.values():
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
                 proc.wait(timeout=10)
         return leftovers
 

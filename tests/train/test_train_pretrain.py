@@ -264,3 +264,9 @@ def test_gpu_bf16_autocast_trains_and_resumes(tmp_path):
     assert result.steps == 4 and math.isfinite(result.mean_loss)
     assert next(model.parameters()).dtype == torch.float32  # autocast, not a bf16 copy of the weights
     assert "cuda" in load_checkpoint(tmp_path / CHECKPOINT_NAME)["rng"]
+    # ... and resumes on the GPU from that checkpoint (other initial weights: the checkpoint's must win).
+    resumed = fresh_model(config, seed=99)
+    again = train_local(model=resumed, dataset=blob_images(16), config=config, steps=6, device="cuda",
+                        checkpoint_dir=tmp_path, progress=False)
+    assert again.resumed_from_step == 4 and again.steps == 6
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["step"] == 6

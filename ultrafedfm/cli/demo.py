@@ -1,6 +1,6 @@
 """``ultrafedfm demo``: federated MAE pretraining end to end, on this machine, with no setup.
 
-    ultrafedfm demo                      # about 2 min on a 2-core CPU
+    ultrafedfm demo                      # about 1.5 min on a 2-core CPU (docs/federation.md)
     ultrafedfm demo --out runs/mine --rounds 5
     ultrafedfm demo --dp --epsilon 8     # DP-SGD at every site, with secure aggregation
 

@@ -50,6 +50,14 @@ def build_job(spec: JobSpec, *, python: str | None = None) -> FedJob:
         command=[python or "python3", "-u", "-m", CLIENT_SCRIPT_MODULE],
         launch_once=True,
         launch_timeout=spec.launch_timeout_s,
+        # No heartbeat lease between the site's job process and its training process (FLARE's
+        # default: 30 s). Both run on the site's machine; when that machine stalls longer (swap, a
+        # paused VM, SIGSTOP in tests/e2e) the lease expires the moment it resumes, FLARE fails the
+        # site's client job, and the server then fails the whole job for every site. Without it a
+        # stalled site is dropped by the round's timeouts and takes part again when it resumes; a
+        # training process that dies is still seen (FLARE checks its process group, and the
+        # training process watches its owner's PID).
+        heartbeat_timeout=0,
         # NumPy on both sides: FLARE passes params untouched (a PyTorch exchange drops
         # non-tensors and converts arrays), so secure-aggregation bytes arrive bit-exact.
         params_exchange_format=ExchangeFormat.NUMPY,
