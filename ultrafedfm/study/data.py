@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ultrafedfm.data.cache import LOCAL_REPORT_FILE, local_report_dir
 from ultrafedfm.data.labelled import LabelledImages, load_labelled_folder
 from ultrafedfm.downstream.splits import Split, grouped_split
 from ultrafedfm.fileio import atomic_write_json
@@ -113,8 +114,8 @@ def prepare_data(data_root: str | Path, out: str | Path, preset: StudyPreset, *,
             raise RuntimeError(f"site cache {cache} holds {counts[name]} images but only {count} are allowed now "
                                "(an earlier run with another split or preset?); delete that cache folder and rerun")
         if counts[name] < count:
-            _logger.warning("site %s: %d images listed, %d in its cache (see %s/ingest_report.csv)",
-                            name, count, counts[name], cache)
+            _logger.warning("site %s: %d images listed, %d in its cache (see %s)",
+                            name, count, counts[name], local_report_dir(cache) / LOCAL_REPORT_FILE)
         sites[name] = cache
     if len(sites) < 2:
         raise FileNotFoundError(f"the study needs at least two pretraining sites under {data_root}, found {list(sites)}")
