@@ -57,13 +57,11 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from ultrafedfm.config import load_config, to_mapping
-    from ultrafedfm.data.labelled import LabelledDataError, load_labelled_cache, load_labelled_folder
+    from ultrafedfm.data.labelled import LabelledDataError
     from ultrafedfm.downstream.experiment import run_finetune
     from ultrafedfm.downstream.splits import grouped_split
     from ultrafedfm.fileio import atomic_write_json
-    from ultrafedfm.models.card import Metric, ModelCard
-    from ultrafedfm.models.downstream import load_encoder, save_downstream, scratch_encoder
-    from ultrafedfm.models.presets import get_preset
+    from ultrafedfm.models.downstream import save_downstream
     from ultrafedfm.train.finetune import FinetuneConfig
 
     if not 0 < args.label_fraction <= 1:
@@ -73,20 +71,9 @@ def run(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {"epochs": args.epochs, "batch_size": args.batch_size, "base_lr": args.base_lr,
                                    "min_steps": args.min_steps, "task": args.task}.items() if v is not None}
     config = dataclasses.replace(config, **overrides)
-    encoder = None
+    progress = not args.no_progress
     try:
-        if args.encoder:
-            encoder = load_encoder(args.encoder)
-            size = encoder.img_size
-        elif args.scratch:
-            size = args.img_size or get_preset(args.preset).img_size
-            encoder = scratch_encoder(args.preset, img_size=size, seed=args.seed)
-        else:
-            size = args.img_size or 224
-        require = "label" if args.task == "cls" else "mask"
-        progress = not args.no_progress
-        data = (load_labelled_folder(args.data, image_size=size, require=require, progress=progress) if args.data
-                else load_labelled_cache(args.cache, image_size=size, require=require, progress=progress))
+        encoder, data = _encoder_and_data(args, progress=progress)
     except (LabelledDataError, FileNotFoundError, ValueError) as exc:
         _logger.error("%s", exc)
         return 2
@@ -106,20 +93,7 @@ def run(args: argparse.Namespace) -> int:
 
         test = evaluate_split(run_.model, data.view(run_.split.test, task="cls"), classes=run_.spec.classes,
                               positive=args.positive, device=args.device)
-    metrics = {name: Metric(value=float(test.metrics[name]), ci_low=lo, ci_high=hi, n=len(run_.split.test),
-                            dataset=f"{Path(data.source).name} test split")
-               for name, (lo, hi) in test.intervals.items() if name in test.metrics}
-    source = "ResNet-18 from scratch" if args.resnet18 else (encoder.source if encoder else "")
-    card = ModelCard(
-        title=f"{'classifier' if args.task == 'cls' else 'segmenter'} fine-tuned on {Path(data.source).name}",
-        kind="classifier" if args.task == "cls" else "segmenter", preset=f"{run_.spec.preset or run_.spec.arch} at "
-        f"{run_.spec.img_size} px", classes=tuple(run_.spec.classes), metrics=metrics,
-        data=(f"{data.source}: {run_.train_size} training images ({args.label_fraction:.0%} of the training split), "
-              f"{len(run_.split.val)} validation, {len(run_.split.test)} test",),
-        training=f"{args.mode if not args.resnet18 else 'full'} fine-tuning from {source}, {run_.fit.total_steps} "
-                 f"steps; best validation {run_.fit.metric_name} {run_.fit.best_metric:.3f} at step {run_.fit.best_step}",
-        privacy="fine-tuned centrally on this data; the encoder's own privacy is on its card")
-    save_downstream(run_.model, run_.spec, out, card=card)
+    save_downstream(run_.model, run_.spec, out, card=_model_card(args, data=data, run_=run_, test=test, encoder=encoder))
     atomic_write_json(out / "metrics.json", {"test": test.to_mapping(), "val": {run_.fit.metric_name: run_.fit.best_metric},
                                              "history": run_.fit.history, "config": to_mapping(config),
                                              "train_size": run_.train_size})
@@ -128,3 +102,43 @@ def run(args: argparse.Namespace) -> int:
     print(f"test {headline}: {test.metrics[headline]:.3f} (95% CI {lo:.3f}-{hi:.3f}), n={len(run_.split.test)}")
     print(f"model: {out / 'model.safetensors'} (card: {out / 'MODEL_CARD.md'}); metrics: {out / 'metrics.json'}")
     return 0
+
+
+def _encoder_and_data(args: argparse.Namespace, *, progress: bool):
+    """The encoder (``None`` for the ResNet-18) and the labelled images at its input size."""
+    from ultrafedfm.data.labelled import load_labelled_cache, load_labelled_folder
+    from ultrafedfm.models.downstream import load_encoder, scratch_encoder
+    from ultrafedfm.models.presets import get_preset
+
+    encoder = None
+    if args.encoder:
+        encoder = load_encoder(args.encoder)
+        size = encoder.img_size
+    elif args.scratch:
+        size = args.img_size or get_preset(args.preset).img_size
+        encoder = scratch_encoder(args.preset, img_size=size, seed=args.seed)
+    else:
+        size = args.img_size or 224
+    require = "label" if args.task == "cls" else "mask"
+    data = (load_labelled_folder(args.data, image_size=size, require=require, progress=progress) if args.data
+            else load_labelled_cache(args.cache, image_size=size, require=require, progress=progress))
+    return encoder, data
+
+
+def _model_card(args: argparse.Namespace, *, data, run_, test, encoder):
+    """The fine-tuned model's card: data, recipe, test metrics with their 95% intervals."""
+    from ultrafedfm.models.card import Metric, ModelCard
+
+    metrics = {name: Metric(value=float(test.metrics[name]), ci_low=lo, ci_high=hi, n=len(run_.split.test),
+                            dataset=f"{Path(data.source).name} test split")
+               for name, (lo, hi) in test.intervals.items() if name in test.metrics}
+    source = "ResNet-18 from scratch" if args.resnet18 else (encoder.source if encoder else "")
+    return ModelCard(
+        title=f"{'classifier' if args.task == 'cls' else 'segmenter'} fine-tuned on {Path(data.source).name}",
+        kind="classifier" if args.task == "cls" else "segmenter", preset=f"{run_.spec.preset or run_.spec.arch} at "
+        f"{run_.spec.img_size} px", classes=tuple(run_.spec.classes), metrics=metrics,
+        data=(f"{data.source}: {run_.train_size} training images ({args.label_fraction:.0%} of the training split), "
+              f"{len(run_.split.val)} validation, {len(run_.split.test)} test",),
+        training=f"{args.mode if not args.resnet18 else 'full'} fine-tuning from {source}, {run_.fit.total_steps} "
+                 f"steps; best validation {run_.fit.metric_name} {run_.fit.best_metric:.3f} at step {run_.fit.best_step}",
+        privacy="fine-tuned centrally on this data; the encoder's own privacy is on its card")

@@ -126,66 +126,19 @@ def write_report(out: Path, *, preset: StudyPreset, units: Sequence[Any]) -> Pat
 
     out = Path(out)
     results = load_results(out)
-    arms = list(preset.arms)
     lines = [f"# Study results (preset `{preset.name}`)", ""]
     missing = [u.key for u in units if u.key not in results]
     if missing:
         lines += [f"**Partial: {len(missing)} of {len(units)} units are not done yet** "
                   f"(continue with `ultrafedfm study --preset {preset.name} --out {out}`).", ""]
-    lines += ["## Pretraining arms", "", "| arm | status | sites | image-epochs | time (s) | notes |", "|---|---|---|---|---|---|"]
-    for arm in ("central", "federated", "central_no_thyroid", "federated_dp"):
-        if arm not in preset.arms:
-            continue
-        r = results.get(f"pretrain/{arm}")
-        if r is None:
-            lines.append(f"| {ARM_LABELS[arm]} | pending | | | | |")
-        else:
-            note = ""
-            if arm.startswith("federated"):
-                losses = [v for v in r.get("global_loss", []) if v is not None]
-                note = (f"{r['applied_rounds']}/{r['rounds']} rounds applied; global loss "
-                        f"{losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "")
-                note += f"; privacy: {r.get('privacy', 'not recorded')}"
-            lines.append(f"| {ARM_LABELS[arm]} | done | {', '.join(r['sites'])} | {r['image_epochs']} | "
-                         f"{r['seconds']:.0f} | {note} |")
-    lines += [""]
-    figures = []
+    lines += _pretraining_section(results, preset)
     for task in preset.tasks:
-        _, _, _, headline = TASK_DEFS[task]
-        task_arms = [a for a in arms if a != "central_no_thyroid" or task == "ddti_seg"]
+        headline = TASK_DEFS[task][3]
+        task_arms = [a for a in preset.arms if a != "central_no_thyroid" or task == "ddti_seg"]
         for metric in headline:
-            lines += [f"## {task}: {metric}", "",
-                      "mean ± sd over seeds (n) [95% CI of the seed mean, bootstrap over test groups]", "",
-                      "| arm | " + " | ".join(f"{f:.0%} labels" for f in preset.fractions) + " |",
-                      "|---|" + "---|" * len(preset.fractions)]
-            for arm in task_arms:
-                cells = []
-                for fraction in preset.fractions:
-                    runs = _cell(results, arm, task, fraction)
-                    interval = pooled_interval(runs, metric, n_boot=preset.n_boot) if runs else None
-                    cells.append(_fmt(_values(runs, metric), interval))
-                lines.append(f"| {ARM_LABELS.get(arm, arm)} | " + " | ".join(cells) + " |")
-            lines.append("")
-            figure = _plot(out, results, preset, task_arms, task, metric)
-            if figure is not None:
-                figures.append(figure)
-                lines += [f"![{task} {metric}](figures/{figure.name})", ""]
-        fraction = max(preset.fractions)
+            lines += _metric_section(out, results, preset, task_arms, task, metric)
         if preset.shifts:
-            metric = headline[0]
-            lines += [f"### {task}: drop of {metric} under test-time shifts ({fraction:.0%} labels; clean minus shifted, "
-                      "mean ± sd over seeds)", "",
-                      "| arm | clean | " + " | ".join(preset.shifts) + " |", "|---|---|" + "---|" * len(preset.shifts)]
-            for arm in task_arms:
-                runs = _cell(results, arm, task, fraction)
-                clean = _values(runs, metric)
-                cells = []
-                for shift in preset.shifts:
-                    shifted = _values(runs, metric, shift)
-                    cells.append(_fmt(clean - shifted).split(" (n=")[0] if shifted.size == clean.size and clean.size
-                                 else "-")
-                lines.append(f"| {ARM_LABELS.get(arm, arm)} | {_fmt(clean).split(' (n=')[0]} | " + " | ".join(cells) + " |")
-            lines.append("")
+            lines += _shift_section(results, preset, task_arms, task, headline[0])
     seconds = sum(r.get("seconds", 0.0) for r in results.values())
     lines += [f"Compute in finished units: {seconds / 60:.1f} min.", ""]
     if missing:
@@ -193,3 +146,64 @@ def write_report(out: Path, *, preset: StudyPreset, units: Sequence[Any]) -> Pat
     path = out / "results.md"
     atomic_write_text(path, "\n".join(lines))
     return path
+
+
+def _pretraining_section(results: dict[str, dict], preset: StudyPreset) -> list[str]:
+    lines = ["## Pretraining arms", "", "| arm | status | sites | image-epochs | time (s) | notes |",
+             "|---|---|---|---|---|---|"]
+    for arm in ("central", "federated", "central_no_thyroid", "federated_dp"):
+        if arm not in preset.arms:
+            continue
+        r = results.get(f"pretrain/{arm}")
+        if r is None:
+            lines.append(f"| {ARM_LABELS[arm]} | pending | | | | |")
+            continue
+        note = ""
+        if arm.startswith("federated"):
+            losses = [v for v in r.get("global_loss", []) if v is not None]
+            note = (f"{r['applied_rounds']}/{r['rounds']} rounds applied; global loss "
+                    f"{losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "")
+            note += f"; privacy: {r.get('privacy', 'not recorded')}"
+        lines.append(f"| {ARM_LABELS[arm]} | done | {', '.join(r['sites'])} | {r['image_epochs']} | "
+                     f"{r['seconds']:.0f} | {note} |")
+    return lines + [""]
+
+
+def _metric_section(out: Path, results: dict[str, dict], preset: StudyPreset, arms: Sequence[str], task: str,
+                    metric: str) -> list[str]:
+    """One metric's table (arm x label fraction) and its plot."""
+    lines = [f"## {task}: {metric}", "",
+             "mean ± sd over seeds (n) [95% CI of the seed mean, bootstrap over test groups]", "",
+             "| arm | " + " | ".join(f"{f:.0%} labels" for f in preset.fractions) + " |",
+             "|---|" + "---|" * len(preset.fractions)]
+    for arm in arms:
+        cells = []
+        for fraction in preset.fractions:
+            runs = _cell(results, arm, task, fraction)
+            interval = pooled_interval(runs, metric, n_boot=preset.n_boot) if runs else None
+            cells.append(_fmt(_values(runs, metric), interval))
+        lines.append(f"| {ARM_LABELS.get(arm, arm)} | " + " | ".join(cells) + " |")
+    lines.append("")
+    figure = _plot(out, results, preset, arms, task, metric)
+    if figure is not None:
+        lines += [f"![{task} {metric}](figures/{figure.name})", ""]
+    return lines
+
+
+def _shift_section(results: dict[str, dict], preset: StudyPreset, arms: Sequence[str], task: str,
+                   metric: str) -> list[str]:
+    """The drop of ``metric`` under each test-time shift, at the largest label fraction."""
+    fraction = max(preset.fractions)
+    lines = [f"### {task}: drop of {metric} under test-time shifts ({fraction:.0%} labels; clean minus shifted, "
+             "mean ± sd over seeds)", "",
+             "| arm | clean | " + " | ".join(preset.shifts) + " |", "|---|---|" + "---|" * len(preset.shifts)]
+    for arm in arms:
+        runs = _cell(results, arm, task, fraction)
+        clean = _values(runs, metric)
+        cells = []
+        for shift in preset.shifts:
+            shifted = _values(runs, metric, shift)
+            cells.append(_fmt(clean - shifted).split(" (n=")[0] if shifted.size == clean.size and clean.size
+                         else "-")
+        lines.append(f"| {ARM_LABELS.get(arm, arm)} | {_fmt(clean).split(' (n=')[0]} | " + " | ".join(cells) + " |")
+    return lines + [""]
