@@ -6,18 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from ultrafedfm.cli import main
 from ultrafedfm.downstream.synthetic import write_labelled_folder
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 FAST = ["--scratch", "--preset", "tiny", "--img-size", "32", "--epochs", "2", "--min-steps", "0", "--batch-size", "8",

@@ -16,14 +16,6 @@ from ultrafedfm.train.finetune_local import finetune_local
 CLASSES = ("benign", "malignant")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two OpenMP threads spin-wait for each other on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def lesions() -> LabelledImages:
     images, masks, labels, scenes = render_lesions(n=180, seed=5, size=32)

@@ -12,14 +12,6 @@ from ultrafedfm.models.mae import build_mae
 from ultrafedfm.train.finetune import FinetuneConfig, build_optimizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two OpenMP threads spin-wait for each other on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_pyramid_blocks_follow_the_paper_at_depth_12_and_spread_over_shallow_encoders():
     assert pyramid_blocks(12) == (3, 5, 7, 11)
     assert pyramid_blocks(2) == (0, 0, 1, 1)

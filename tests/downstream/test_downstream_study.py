@@ -5,19 +5,10 @@ import dataclasses
 import json
 
 import pytest
-import torch
 
 from ultrafedfm.cli import main
 from ultrafedfm.study.presets import get_study_preset
 from ultrafedfm.study.runner import plan_units, run_study
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_smoke_study_runs_every_unit_reports_and_resumes(data_root, tmp_path):

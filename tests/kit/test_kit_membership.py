@@ -213,3 +213,25 @@ def test_simulation_members_run_a_round_with_site_held_keys_and_ledgers(tmp_path
                             ledgers={n: m.ledger for n, m in materials.items()}).result
     assert np.allclose(result.mean_delta(), 0.2, atol=1e-6)
     assert all(f.ledger.is_file() for f in files.values())
+
+
+def test_a_site_whose_policy_says_confirm_new_members_refuses_a_new_member_until_its_it_accepts_it(enrolled):
+    from ultrafedfm.kit.identity import open_site_material
+    from ultrafedfm.privacy.policy import PrivacyPolicy
+    from ultrafedfm.site_config import SiteConfig
+
+    ws, kits = enrolled
+    kit = kits["hospital-a"]
+    strict = SiteConfig(cache=kit / "cache", privacy=PrivacyPolicy(confirm_new_members=True))
+    assert open_site_material(strict, kit_root=kit, site_name="hospital-a").members.size == 3
+    newcomer = SiteSigningKey.generate(site="hospital-d")
+    _reissue(ws, kits, lambda ml, key: add_member(ml, EnrollmentRequest.create(consortium="ufm-test", key=newcomer),
+                                                  confirmed_fingerprint=newcomer.fingerprint, admin_key=key))
+    with pytest.raises(MembershipError, match=r"new members \['hospital-d'\] need this site's IT to accept them"):
+        open_site_material(strict, kit_root=kit, site_name="hospital-a")
+    assert main(["kit", "members", "--kit", str(kit), "--accept-site", "hospital-d",
+                 "--fingerprint", format_fingerprint(newcomer.fingerprint)]) == 0
+    assert open_site_material(strict, kit_root=kit, site_name="hospital-a").members.size == 4
+    # the default policy pins the newcomer on sight (with a WARNING), as before
+    lenient = SiteConfig(cache=kits["hospital-b"] / "cache")
+    assert open_site_material(lenient, kit_root=kits["hospital-b"], site_name="hospital-b").members.size == 4

@@ -44,7 +44,9 @@ def open_site_material(site_config: SiteConfig, *, kit_root: Path, site_name: st
     """
     consortium, server = kit_consortium(Path(kit_root))
     files = site_files(site_config, kit_root=kit_root, site_name=site_name)
-    material = open_site(files, consortium=consortium, server=server)
+    # The site's own policy decides whether a member the admin adds counts before local IT accepts it.
+    material = open_site(files, consortium=consortium, server=server,
+                         auto_pin_new=not site_config.privacy.confirm_new_members)
     _logger.info("site %s: secure aggregation with member list v%d of '%s' (%d member sites), ledger %s", site_name,
                  material.members.version, material.members.consortium, material.members.size, files.ledger)
     return material

@@ -54,6 +54,11 @@ class PrivacyPolicy:
         min_sites: the fewest sites this site accepts in a secure-aggregation roster, key-sharing
             set and survivor set, whatever the job says (at least 3: with two sites, each learns
             the other's update from the sum; DESIGN.md's threat model).
+        confirm_new_members: a site the project admin adds to the member list counts for this
+            site only after its own IT accepts the new member's fingerprint
+            (``ultrafedfm kit members --accept-site``); ``False`` (the default) pins new members
+            on sight with a WARNING. Whoever holds the admin membership key can add members, so a
+            site that does not trust that key alone sets this.
     """
 
     require_secure_aggregation: bool = True
@@ -63,6 +68,7 @@ class PrivacyPolicy:
     max_delta: float | None = None
     min_noise_multiplier: float = 0.0
     min_sites: int = 3
+    confirm_new_members: bool = False
 
     def __post_init__(self) -> None:
         check(self.max_epsilon is None or self.max_epsilon > 0, "max_epsilon", "must be > 0 (or null)")
@@ -71,6 +77,7 @@ class PrivacyPolicy:
         check(self.min_noise_multiplier >= 0, "min_noise_multiplier", "must be >= 0")
         check(not isinstance(self.min_sites, bool) and isinstance(self.min_sites, int) and self.min_sites >= 3,
               "min_sites", "must be an integer >= 3 (with two sites each learns the other's update from the sum)")
+        check(isinstance(self.confirm_new_members, bool), "confirm_new_members", "must be true or false")
 
 
 class PolicyRefusal(RuntimeError):
