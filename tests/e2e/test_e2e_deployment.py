@@ -359,6 +359,38 @@ def test_tiny_job_submitted_with_nvflare_runs_rounds_and_downloads(deployment, t
     for outsider in ("rogue-site", "foreign-site-9"):
         log = deployment.log(outsider)
         assert not log.is_file() or job_id not in log.read_text(errors="replace")
+    check_audit_reports(deployment, job_id, download=tmp_path / "download", out=tmp_path / "audit")
+
+
+def check_audit_reports(deployment: Deployment, job_id: str, *, download: Path, out: Path) -> None:
+    """The privacy audit as a real deployment leaves it (docs/privacy-audit.md).
+
+    The job wrote the server's report and each site's own at its end; the operator rebuilds the
+    server's from `nvflare job download` and the server kit (FLARE's audit.log names who
+    submitted); each site matches every message it sent against the hashes the server received.
+    """
+    run_dir = deployment.kit(SERVER) / "ultrafedfm_runs" / "mae_pretrain_tiny"
+    assert (run_dir / "audit" / job_id / "report.html").is_file(), sorted(run_dir.rglob("report.*"))
+    server_out = out / "server"
+    assert main(["audit", "--server", str(download), "--run", str(run_dir), "--workspace",
+                 str(deployment.kit(SERVER)), "--job-id", job_id, "--out", str(server_out)]) == 0
+    server = json.loads((server_out / "report.json").read_text())
+    assert server["subject"]["job_id"] == job_id and server["subject"]["secure_aggregation"] is True
+    assert [sorted(r["participants"]) for r in server["rounds"]] == [SITES] * 3, server["rounds"]
+    assert all(r["secure_aggregation"] and r["aggregate"]["global_loss"] is not None for r in server["rounds"])
+    assert {e["user"] for e in server["flare_audit"]["submission_events"]} == {ADMIN}, server["flare_audit"]
+    certificates = server["transport"]["certificates"]
+    assert certificates and all(c["state"] == "ok" and c["days_left"] > 300 for c in certificates), certificates
+    assert [f["code"] for f in server["findings"]] == ["dp_off"], server["findings"]
+    for site in SITES:
+        assert (deployment.root / "caches" / site / "privacy" / "audit" / job_id / "report.json").is_file()
+        site_out = out / site
+        assert main(["audit", "--site", str(deployment.kit(site)), "--server-report", str(server_out / "report.json"),
+                     "--job-id", job_id, "--out", str(site_out)]) == 0
+        report = json.loads((site_out / "report.json").read_text())
+        messages = report["messages"]
+        assert messages["count"] >= 3 * 3 and messages["by_match"] == {"matched": messages["count"]}, messages
+        assert messages["chain_intact"] and all(m["masked"] for m in messages["items"] if m["task"] == "train")
 
 
 @dataclasses.dataclass

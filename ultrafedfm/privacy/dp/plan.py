@@ -62,6 +62,34 @@ class DPPlan:
         return Mechanism(self.noise_multiplier, self.sample_rate, self.steps_per_round)
 
 
+def _job_delta(config: DPConfig, policy: PrivacyPolicy, *, num_images: int, job: str, refusing: str) -> float:
+    """The job's delta (the site's default 1/(10 N) unless the job sets one), checked against the policy."""
+    delta = config.delta if config.delta is not None else default_delta(num_images, max_delta=policy.max_delta)
+    if policy.max_delta is not None and delta > policy.max_delta:
+        key = policy_key("max_delta")
+        raise PolicyRefusal(f"{refusing}: the job asks for delta {delta:g}, and the site's site.yaml sets {key}: "
+                            f"{policy.max_delta:g}. Run the job with a smaller delta (or none, for the site's "
+                            f"default), or the site's IT raises {key}", key=key)
+    if delta * num_images >= 1:
+        raise PolicyRefusal(f"{refusing}: delta {delta:g} is not below 1/N for this site's image count, a "
+                            "guarantee that permits releasing an image outright. Set dp.delta to null for the "
+                            "site's default 1/(10 N)", key="dp.delta")
+    if delta * num_images > 0.1:
+        _logger.warning("job '%s' uses delta %g, above this site's default 1/(10 N) = %g", job, delta,
+                        default_delta(num_images))
+    return delta
+
+
+def _check_noise_floor(noise: float, config: DPConfig, policy: PrivacyPolicy, *, refusing: str) -> None:
+    if noise < policy.min_noise_multiplier:
+        key = policy_key("min_noise_multiplier")
+        how = ("sets noise multiplier" if config.noise_multiplier is not None
+               else f"reaches its target epsilon {config.target_epsilon:g} here with noise multiplier")
+        raise PolicyRefusal(f"{refusing}: the job {how} {noise:.4g}, and the site's site.yaml sets {key}: "
+                            f"{policy.min_noise_multiplier:g}. Run the job with more noise or a smaller "
+                            f"target epsilon, or the site's IT lowers {key}", key=key)
+
+
 def plan_job(
     config: DPConfig,
     policy: PrivacyPolicy,
@@ -103,20 +131,7 @@ def plan_job(
     steps_per_round = local_steps if local_steps is not None else local_epochs * steps_per_epoch
     total_steps = rounds * steps_per_round
 
-    delta = config.delta if config.delta is not None else default_delta(num_images, max_delta=policy.max_delta)
-    if policy.max_delta is not None and delta > policy.max_delta:
-        key = policy_key("max_delta")
-        raise PolicyRefusal(f"{refusing}: the job asks for delta {delta:g}, and the site's site.yaml sets {key}: "
-                            f"{policy.max_delta:g}. Run the job with a smaller delta (or none, for the site's "
-                            f"default), or the site's IT raises {key}", key=key)
-    if delta * num_images >= 1:
-        raise PolicyRefusal(f"{refusing}: delta {delta:g} is not below 1/N for this site's image count, a "
-                            "guarantee that permits releasing an image outright. Set dp.delta to null for the "
-                            "site's default 1/(10 N)", key="dp.delta")
-    if delta * num_images > 0.1:
-        _logger.warning("job '%s' uses delta %g, above this site's default 1/(10 N) = %g", job, delta,
-                        default_delta(num_images))
-
+    delta = _job_delta(config, policy, num_images=num_images, job=job, refusing=refusing)
     if config.noise_multiplier is not None:
         noise = config.noise_multiplier
     else:
@@ -124,13 +139,7 @@ def plan_job(
                                 steps=total_steps, accountant=config.accountant)
         _logger.info("job '%s': noise multiplier %.4f reaches epsilon %g at delta %g over %d rounds x %d steps",
                      job, noise, config.target_epsilon, delta, rounds, steps_per_round)
-    if noise < policy.min_noise_multiplier:
-        key = policy_key("min_noise_multiplier")
-        how = ("sets noise multiplier" if config.noise_multiplier is not None
-               else f"reaches its target epsilon {config.target_epsilon:g} here with noise multiplier")
-        raise PolicyRefusal(f"{refusing}: the job {how} {noise:.4g}, and the site's site.yaml sets {key}: "
-                            f"{policy.min_noise_multiplier:g}. Run the job with more noise or a smaller "
-                            f"target epsilon, or the site's IT lowers {key}", key=key)
+    _check_noise_floor(noise, config, policy, refusing=refusing)
 
     planned, _ = compute_epsilon([Mechanism(noise, sample_rate, total_steps)], delta, config.accountant)
     if policy.max_epsilon is not None and planned > policy.max_epsilon:
