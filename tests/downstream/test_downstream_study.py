@@ -8,19 +8,26 @@ import pytest
 
 from ultrafedfm.cli import main
 from ultrafedfm.study.presets import get_study_preset
-from ultrafedfm.study.runner import plan_units, run_study
+from ultrafedfm.study.runner import RUNNING_ELSEWHERE, _claim, plan_units, run_study
 
 
-def test_smoke_study_runs_every_unit_reports_and_resumes(data_root, tmp_path):
+def test_smoke_study_runs_every_unit_reports_and_resumes(data_root, tmp_path, capsys):
     out = tmp_path / "study"
     preset = get_study_preset("smoke")
+    units = plan_units(preset)
     first = run_study(out=out, preset=preset, data_root=data_root, progress=False, stop_after=3)
     assert first["ran"] == 3 and first["remaining"]
     assert "Partial" in (out / "results.md").read_text()
+    # A second process sharing the folder holds the last unit: this one runs the rest, exits 0, says so.
+    held = _claim(out, units[-1])
     code = main(["study", "--preset", "smoke", "--out", str(out), "--data-root", str(data_root), "--no-progress"])
-    assert code == 0
+    assert code == 0 and "1 unit(s) still running in another process" in capsys.readouterr().out
     status = json.loads((out / "status.json").read_text())
-    assert status["ran"] == len(plan_units(preset)) - 3 and status["skipped_done"] == 3 and not status["remaining"]
+    assert status["ran"] == len(units) - 4 and status["skipped_done"] == 3
+    assert status["remaining"] == [units[-1].key] and status["failures"] == {units[-1].key: RUNNING_ELSEWHERE}
+    held.unlink()  # that process died before finishing: the next run takes the unit over
+    assert run_study(out=out, preset=preset, data_root=data_root, progress=False)["ran"] == 1
+    assert not json.loads((out / "status.json").read_text())["remaining"]
     report = (out / "results.md").read_text()
     assert "busi_cls: auroc/benign_vs_malignant" in report and "ddti_seg: dice" in report
     assert (out / "figures" / "ddti_seg_dice.png").is_file()

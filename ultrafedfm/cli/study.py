@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from ultrafedfm.study.presets import get_study_preset
-    from ultrafedfm.study.runner import run_study
+    from ultrafedfm.study.runner import RUNNING_ELSEWHERE, run_study
 
     import torch
 
@@ -69,10 +69,15 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("ultrafedfm").removeHandler(handler)
         handler.close()
     print(f"units: {summary['units']} ({summary['ran']} run now, {summary['skipped_done']} already done, "
-          f"{len(summary['remaining'])} remaining)")
+          f"{summary['done_elsewhere']} done by another process, {len(summary['remaining'])} remaining)")
     for key, reason in summary["failures"].items():
         print(f"  not done: {key}: {reason}")
     print(f"report: {summary['report']}")
+    busy = [key for key, reason in summary["failures"].items() if reason == RUNNING_ELSEWHERE]
+    if summary["remaining"] and len(busy) == len(summary["remaining"]):
+        # Nothing failed here: the other process sharing this folder finishes these and rewrites the report.
+        print(f"{len(busy)} unit(s) still running in another process sharing {out}; it writes the final report")
+        return 0
     if summary["remaining"]:
         print(f"continue with: ultrafedfm study --preset {args.preset} --out {out}")
         return 1

@@ -40,7 +40,7 @@ from ultrafedfm.study.presets import StudyPreset
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["TASK_DEFS", "Unit", "plan_units", "run_study"]
+__all__ = ["RUNNING_ELSEWHERE", "TASK_DEFS", "Unit", "plan_units", "run_study"]
 
 # task -> (data set, cls|seg, binary AUROC pairs, headline metrics)
 TASK_DEFS: dict[str, tuple[str, str, tuple[tuple[str, str], ...], tuple[str, ...]]] = {
@@ -48,6 +48,8 @@ TASK_DEFS: dict[str, tuple[str, str, tuple[tuple[str, str], ...], tuple[str, ...
     "busi_seg": ("busi", "seg", (), ("dice",)),
     "ddti_seg": ("ddti", "seg", (), ("dice",)),
 }
+# The reason given for a unit another process sharing the study folder has claimed.
+RUNNING_ELSEWHERE = "running in another process"
 PRETRAIN_ARMS = ("central", "federated", "federated_dp", "central_no_thyroid")
 
 
@@ -259,7 +261,7 @@ def run_study(*, out: str | Path, preset: StudyPreset, data_root: str | Path, pr
             if lock is None or path.is_file():  # another process runs it, or just finished it
                 if lock is not None:
                     lock.unlink(missing_ok=True)
-                failures[unit.key] = "running in another process"
+                failures[unit.key] = RUNNING_ELSEWHERE
                 continue
             _logger.info("[%d/%d] %s", index, len(units), unit.key)
             try:
@@ -280,8 +282,12 @@ def run_study(*, out: str | Path, preset: StudyPreset, data_root: str | Path, pr
         if ran == ran_before or (stop_after is not None and ran >= stop_after):
             break
     remaining = [u.key for u in units if not _result_path(out, u).is_file()]
+    # A unit another process claimed and has finished since is done, not a failure of this run.
+    elsewhere = sum(1 for key in failures if key not in remaining)
+    failures = {key: reason for key, reason in failures.items() if key in remaining}
     report = write_report(out, preset=preset, units=units)
-    summary = {"units": len(units), "ran": ran, "skipped_done": skipped, "remaining": remaining,
-               "failures": failures, "report": str(report), "seconds": time.perf_counter() - started}
+    summary = {"units": len(units), "ran": ran, "skipped_done": skipped, "done_elsewhere": elsewhere,
+               "remaining": remaining, "failures": failures, "report": str(report),
+               "seconds": time.perf_counter() - started}
     atomic_write_json(out / "status.json", summary)
     return summary
