@@ -129,20 +129,23 @@ def test_a_plain_fedavg_run_over_in_process_sites_equals_fedavg_by_hand_and_keep
 
 def test_a_secure_run_with_fresh_seeds_equals_fedavg_within_quantisation_and_keeps_only_aggregates(tmp_path):
     torch.set_num_threads(1)
-    spec = _spec(tmp_path, secure_aggregation=True, secagg_max_weight=20.0)
+    # One round: the comparison is exact up to quantisation. Over more rounds AdamW turns that
+    # error (1e-6) into sign flips of near-zero updates (1e-4 at this lr), which says nothing.
+    spec = _spec(tmp_path, secure_aggregation=True, secagg_max_weight=20.0, num_rounds=1, warmup_rounds=0)
     run = _run(spec, _sessions(tmp_path, secure=True))
     rows = run.state.read_rounds()
-    assert all(r["applied"] and r["failed"] == {} for r in rows), rows
+    assert len(rows) == 1 and all(r["applied"] and r["failed"] == {} for r in rows), rows
     assert isinstance(run.aggregation, SecureAggregation)
     own = {(n, f.round): f for n in SIZES for f in _figures(tmp_path, n)}
-    assert len(own) == 6 and all(f.masked and f.clipped_coordinates == 0 for f in own.values())
+    assert len(own) == 3 and all(f.masked and f.clipped_coordinates == 0 for f in own.values())
     # Fresh entropy: no site trained with the deterministic seed a server could predict.
     assert all(f.generator_seed != local_generator_seed(spec.seed, r, n) for (n, r), f in own.items())
-    expected = _fedavg_by_hand(spec, {n: tmp_path / "caches" / n for n in SIZES}, 2,
+    expected = _fedavg_by_hand(spec, {n: tmp_path / "caches" / n for n in SIZES}, 1,
                                seeds={k: f.generator_seed for k, f in own.items()})
     final = run.state.load().params
+    bound = spec.secagg_config().quantization_error_bound  # on the weighted sum; the mean's error is smaller
     for k in expected:
-        np.testing.assert_allclose(final[k], expected[k], atol=1e-4)
+        np.testing.assert_allclose(final[k], expected[k], rtol=0, atol=bound)
     # Aggregates decoded from the masked sum: the weighted mean loss, total images and steps.
     for row in rows:
         figures = [own[(n, row["round"])] for n in SIZES]
@@ -181,7 +184,7 @@ def test_a_masked_input_with_figures_beside_it_is_refused_before_it_enters_the_s
                                seeds={(n, 0): s for n, s in own.items()})
     final = run.state.load().params
     for k in expected:
-        np.testing.assert_allclose(final[k], expected[k], atol=1e-4)
+        np.testing.assert_allclose(final[k], expected[k], rtol=0, atol=spec.secagg_config().quantization_error_bound)
 
 
 def test_a_site_refuses_a_roster_below_its_own_privacy_min_sites(tmp_path, caplog):
