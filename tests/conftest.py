@@ -16,3 +16,13 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("HOME", str(home))
     yield
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one intra-op thread for the test: two OpenMP threads spin-wait for each other on a
+    shared 2-core machine (folders of small-kernel tests use it through an autouse fixture)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

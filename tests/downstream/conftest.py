@@ -4,18 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from ultrafedfm.downstream.synthetic import write_labelled_folder
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: two OpenMP threads spin-wait for each other on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
+    """Downstream tests train small models: one torch thread (tests/conftest.py)."""
     yield
-    torch.set_num_threads(threads)
 
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
