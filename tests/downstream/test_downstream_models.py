@@ -1,6 +1,8 @@
 """Downstream models: pyramid blocks, heads, frozen linear probes, layer decay, encoder loading, safetensors."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -75,3 +77,38 @@ def test_saved_models_reload_with_identical_outputs_and_a_card(tmp_path):
         with torch.no_grad():
             assert torch.allclose(loaded(x), model(x))
         assert (folder / "MODEL_CARD.md").is_file()
+
+
+@pytest.mark.parametrize("task,mode", [("cls", "full"), ("cls", "linear"), ("seg", "full")])
+def test_dp_compatible_networks_keep_the_encoder_weights_and_mix_no_images_of_a_batch(task, mode, tmp_path):
+    weights = scratch_encoder("tiny", img_size=32, seed=0)
+    spec = DownstreamSpec.for_encoder(weights, task=task, classes=("a", "b") if task == "cls" else (), mode=mode,
+                                      dp_compatible=True)
+    spec = dataclasses.replace(spec, drop_path=0.0)  # no stochastic depth: training mode is then deterministic
+    model = build_downstream(spec, encoder=weights).train()
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    encoder = model if task == "cls" else model.encoder
+    assert torch.equal(encoder.blocks[0].attn.qkv.weight, weights.state["blocks.0.attn.qkv.weight"])
+    assert not encoder.pos_embed.requires_grad and not encoder.cls_token.requires_grad
+    # Per image, in training mode too: an image's output does not depend on the rest of its batch.
+    x = torch.rand(4, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x)[:1], model(x[:1]), atol=1e-5)
+    save_downstream(model, spec, tmp_path / "m")
+    loaded, loaded_spec = load_downstream(tmp_path / "m")
+    assert loaded_spec.dp_compatible and torch.allclose(loaded(x), model.eval()(x), atol=1e-6)
+
+
+def test_the_dp_upsampling_computes_what_a_2x2_stride_2_transposed_convolution_computes():
+    from ultrafedfm.models.downstream.heads import PixelShuffle2x
+
+    torch.manual_seed(0)
+    transposed = torch.nn.ConvTranspose2d(6, 5, 2, stride=2)
+    conv = torch.nn.Conv2d(6, 20, 1)
+    with torch.no_grad():  # out[o, 2i+a, 2j+b] = sum_c W[c, o, a, b] x[c, i, j] + bias[o]
+        conv.weight.copy_(transposed.weight.permute(1, 2, 3, 0).reshape(20, 6, 1, 1))
+        conv.bias.copy_(transposed.bias.repeat_interleave(4))
+    x = torch.rand(3, 6, 4, 5)
+    torch.testing.assert_close(PixelShuffle2x()(conv(x)), transposed(x))
+    assert torch.equal(PixelShuffle2x()(x[:, :4]), torch.nn.PixelShuffle(2)(x[:, :4]))
+    assert PixelShuffle2x()(torch.zeros(0, 8, 3, 3)).shape == (0, 2, 6, 6)  # an empty Poisson batch

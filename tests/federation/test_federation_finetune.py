@@ -39,14 +39,15 @@ def _spec(tmp_path, task: str, **changes) -> JobSpec:
     return dataclasses.replace(JOB_SPECS["mae_pretrain_tiny"], **base)
 
 
-def _sessions(tmp_path, *, require_secure: bool = False) -> dict[str, SiteSession]:
+def _sessions(tmp_path, *, require_secure: bool = False, require_dp: bool = False) -> dict[str, SiteSession]:
     sessions = {}
     for i, name in enumerate(NAMES):
         kit = tmp_path / "kits" / name
         (kit / "local").mkdir(parents=True)
         folder = write_labelled_folder(tmp_path / "labelled" / name, n=24, seed=100 + i, frame=(64, 96))
         entry = {"cache": str(make_cache(tmp_path / "caches" / name, n_images=4)), "labelled": str(folder),
-                 "num_workers": 0, "num_threads": 1, "privacy": {"require_secure_aggregation": require_secure}}
+                 "num_workers": 0, "num_threads": 1,
+                 "privacy": {"require_secure_aggregation": require_secure, "require_dp": require_dp}}
         (kit / "local" / "site.yaml").write_text(yaml.safe_dump(entry))
         sessions[name] = SiteSession(site_name=name, job_id=f"job-{name}", start_dir=kit)
     return sessions
@@ -96,10 +97,31 @@ def test_a_site_trains_only_on_its_training_split_and_names_a_class_the_job_does
         SiteTrainer(site_name="s", site_config=SiteConfig(cache=tmp_path)).training_data(spec.training_contract())
 
 
-def test_a_fine_tuning_job_refuses_dp_loudly_instead_of_ignoring_it():
-    from ultrafedfm.privacy.dp import DPConfig
+@pytest.mark.parametrize("task", ["cls", "seg"])
+def test_a_dp_fine_tuning_run_is_charged_to_every_sites_own_ledger_and_exports_a_dp_compatible_model(tmp_path, task):
+    from ultrafedfm.privacy.dp import DPConfig, read_ledger, site_ledger_path
 
-    with pytest.raises(ConfigError, match="DP-SGD is not available for fine-tuning jobs yet"):
-        JobSpec(name="x", finetune=FinetuneSettings(task="seg"), dp=DPConfig(enabled=True, noise_multiplier=1.0))
+    torch.set_num_threads(1)
+    spec = _spec(tmp_path, task, dp=DPConfig(enabled=True, target_epsilon=8.0, max_grad_norm=1.0, accountant="rdp"))
+    exchange = LocalExchange(_sessions(tmp_path, require_dp=True))  # sites whose policy demands DP-SGD accept it
+    run = FederatedRun(job=spec, state=RunState(spec.run_state_dir, spec.run_name),
+                       aggregation=make_aggregation(spec, members=lambda: None), exchange=exchange, job_id="j")
+    assert run.run(connected_sites=exchange.connected_sites, aborted=lambda: False)
+    rows = run.state.read_rounds()
+    assert [r["round"] for r in rows] == [0, 1] and all(r["participants"] == NAMES for r in rows), rows
+    for name in NAMES:
+        ledger = read_ledger(site_ledger_path(tmp_path / "caches" / name))
+        charges = ledger.charges()
+        assert [c.round for c in charges] == [0, 1]  # charged round by round, before training
+        completed = [e for e in ledger.entries if e.kind == "completed"]
+        assert [c.round for c in completed] == [0, 1] and all(c.steps > 0 for c in completed)
+        assert 0 < charges[0].epsilon_job < charges[1].epsilon_job <= 8.0 + 1e-6
+    model, loaded = load_downstream(run.state.dir / FINETUNED_FOLDER)
+    assert loaded.dp_compatible
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert "DP-SGD at every site (target epsilon 8" in (run.state.dir / FINETUNED_FOLDER / "MODEL_CARD.md").read_text()
+
+
+def test_a_fine_tuning_job_names_a_misplaced_encoder_setting():
     with pytest.raises(ConfigError, match="init_encoder"):
         JobSpec(name="x", init_encoder="/enc.safetensors")

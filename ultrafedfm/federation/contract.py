@@ -97,7 +97,7 @@ class TrainingContract:
 
         if self.finetune is not None:
             return build_finetune_model(self.finetune, preset=self.preset, img_size=self.img_size, seed=self.seed,
-                                        encoder=encoder)
+                                        encoder=encoder, dp_compatible=self.dp.enabled)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             return build_model(self.pretrain_config())

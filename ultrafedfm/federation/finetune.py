@@ -7,8 +7,9 @@ pyramid U-Net), initialised on the server from a pretrained encoder file (``init
 at random. Each site fine-tunes on the training split of its own labelled folder (``labelled:``
 in its ``site.yaml``: images with ``labels.csv``), split by ``group`` with the job's seed, so
 validation and test images never train and stay at the site for its own evaluation
-(``ultrafedfm evaluate``). The update leaves the site masked by secure aggregation, exactly as
-in pretraining. Framework-free; the FLARE jobs are ``jobs/finetune_cls`` and ``jobs/finetune_seg``.
+(``ultrafedfm evaluate``). The update leaves the site masked by secure aggregation, and with the
+job's ``dp`` on each site trains it with DP-SGD charged to its own ledger, exactly as in
+pretraining (the network is then built without BatchNorm: ``dp_compatible``). Framework-free; the FLARE jobs are ``jobs/finetune_cls`` and ``jobs/finetune_seg``.
 """
 from __future__ import annotations
 
@@ -66,8 +67,10 @@ class FinetuneSettings:
               "val_fraction", "val_fraction and test_fraction must be positive and sum to less than 1")
 
 
-def downstream_spec(settings: FinetuneSettings, *, preset: str, img_size: int) -> "DownstreamSpec":
-    """The network of a fine-tuning job: our ViT of ``preset`` with the task's head."""
+def downstream_spec(settings: FinetuneSettings, *, preset: str, img_size: int,
+                    dp_compatible: bool = False) -> "DownstreamSpec":
+    """The network of a fine-tuning job: our ViT of ``preset`` with the task's head (built for DP-SGD when the
+    job turns it on: ``dp_compatible``, see ``ultrafedfm.models.downstream.heads``)."""
     from ultrafedfm.models.downstream.heads import pyramid_blocks
     from ultrafedfm.models.downstream.spec import DownstreamSpec
     from ultrafedfm.models.export import timm_model_kwargs, timm_model_name
@@ -77,20 +80,21 @@ def downstream_spec(settings: FinetuneSettings, *, preset: str, img_size: int) -
     return DownstreamSpec(
         task=settings.task, arch="vit", img_size=img_size, classes=settings.classes, mode=settings.mode,
         timm_model=timm_model_name(mae_preset), timm_kwargs=timm_model_kwargs(mae_preset), preset=preset,
-        blocks=pyramid_blocks(mae_preset.depth) if settings.task == "seg" else (),
+        blocks=pyramid_blocks(mae_preset.depth) if settings.task == "seg" else (), dp_compatible=dp_compatible,
     )
 
 
 def build_finetune_model(settings: FinetuneSettings, *, preset: str, img_size: int, seed: int,
-                         encoder: "EncoderWeights | None" = None) -> "torch.nn.Module":
+                         encoder: "EncoderWeights | None" = None, dp_compatible: bool = False) -> "torch.nn.Module":
     """The job's network, initialised from ``seed`` (identical everywhere) and, on the server, ``encoder``."""
     import torch
 
     from ultrafedfm.models.downstream.spec import build_downstream
 
+    spec = downstream_spec(settings, preset=preset, img_size=img_size, dp_compatible=dp_compatible)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build_downstream(downstream_spec(settings, preset=preset, img_size=img_size), encoder=encoder)
+        return build_downstream(spec, encoder=encoder)
 
 
 def finetune_config(settings: FinetuneSettings, *, batch_size: int, base_lr: float, weight_decay: float,

@@ -59,7 +59,8 @@ class JobSpec:
         init_encoder: a pretrained encoder file on the server (``encoder.safetensors``) the
             global model starts from; ``None``: a random initialisation (the from-scratch arm).
     Differential privacy (docs/differential-privacy.md; off by default):
-        dp: DP-SGD at every site (``ultrafedfm.privacy.dp.DPConfig``): a noise multiplier or a
+        dp: DP-SGD at every site, in pretraining and fine-tuning alike (``ultrafedfm.privacy.dp.DPConfig``;
+            a fine-tuning network is then built without BatchNorm): a noise multiplier or a
             target epsilon for the whole job (each site computes its noise from its own image
             count), the per-image clipping norm, delta and the accountant. Each site's own policy
             decides whether it accepts them, and its ledger charges every round.
@@ -120,9 +121,6 @@ class JobSpec:
             self.secagg_config()  # validates max_weight / max_sites against the ring bound, naming the key
         check(self.init_encoder is None or self.finetune is not None, "init_encoder",
               "only a fine-tuning job (finetune: set) starts from a pretrained encoder")
-        # Refused, not ignored: DP-SGD through the fine-tuning trainer is not accounted yet.
-        check(self.finetune is None or not self.dp.enabled, "dp",
-              "DP-SGD is not available for fine-tuning jobs yet; run it without dp, or pretrain with DP")
 
     @property
     def effective_run_name(self) -> str:
@@ -178,6 +176,15 @@ _TINY = replace(
     secagg_phase_timeout_s=30,
 )
 
+_FINETUNE_CLS = replace(
+    _PAPER, name="finetune_cls", finetune=FinetuneSettings(task="cls", classes=("benign", "malignant", "normal")),
+    num_rounds=50, warmup_rounds=5, batch_size=32, base_lr=5e-4, export_encoder=False,
+)
+_FINETUNE_SEG = replace(
+    _PAPER, name="finetune_seg", finetune=FinetuneSettings(task="seg"), num_rounds=50, warmup_rounds=5,
+    batch_size=16, base_lr=5e-4, export_encoder=False,
+)
+
 JOB_SPECS: dict[str, JobSpec] = {
     # The UltraFedFM paper's setup: ViT-B/16 MAE at 224 px, 300 rounds x 1 local epoch.
     "mae_pretrain": _PAPER,
@@ -188,12 +195,10 @@ JOB_SPECS: dict[str, JobSpec] = {
     "mae_pretrain_tiny_dp": replace(_TINY, name="mae_pretrain_tiny_dp", dp=_DP),
     # Federated fine-tuning of the paper's encoder (ViT-B/16 at 224 px) for breast-lesion diagnosis and
     # lesion segmentation; set init_encoder to the pretrained encoder on the server before submitting.
-    "finetune_cls": replace(
-        _PAPER, name="finetune_cls", finetune=FinetuneSettings(task="cls", classes=("benign", "malignant", "normal")),
-        num_rounds=50, warmup_rounds=5, batch_size=32, base_lr=5e-4, export_encoder=False,
-    ),
-    "finetune_seg": replace(
-        _PAPER, name="finetune_seg", finetune=FinetuneSettings(task="seg"), num_rounds=50, warmup_rounds=5,
-        batch_size=16, base_lr=5e-4, export_encoder=False,
-    ),
+    "finetune_cls": _FINETUNE_CLS,
+    "finetune_seg": _FINETUNE_SEG,
+    # The same with DP-SGD at every site (epsilon 8 for the whole job, charged to each site's ledger);
+    # the network is built without BatchNorm (ultrafedfm.models.downstream.heads, dp_compatible).
+    "finetune_cls_dp": replace(_FINETUNE_CLS, name="finetune_cls_dp", dp=_DP),
+    "finetune_seg_dp": replace(_FINETUNE_SEG, name="finetune_seg_dp", dp=_DP),
 }

@@ -58,7 +58,8 @@ def export_final_model(
         from ultrafedfm.federation.finetune import downstream_spec
         from ultrafedfm.models.downstream.spec import save_downstream
 
-        spec = downstream_spec(contract.finetune, preset=contract.preset, img_size=contract.img_size)
+        spec = downstream_spec(contract.finetune, preset=contract.preset, img_size=contract.img_size,
+                               dp_compatible=contract.dp.enabled)
         save_downstream(model, spec, out_dir / FINETUNED_FOLDER, card=card)
         return sorted((out_dir / FINETUNED_FOLDER).iterdir())
     final = atomic_torch_save(model.state_dict(), out_dir / FINAL_MODEL_FILE)

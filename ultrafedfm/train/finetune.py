@@ -45,9 +45,11 @@ from ultrafedfm.train.schedule import WarmupCosineLr
 _logger = logging.getLogger(__name__)
 
 __all__ = ["FinetuneConfig", "FitResult", "NonFiniteLossError", "Privatize", "StepsResult", "build_optimizer",
-           "fit", "make_loader", "train_steps"]
+           "fit", "make_loader", "per_image_loss_fn", "train_steps"]
 
-Privatize = Callable[[nn.Module, Optimizer, DataLoader], tuple[nn.Module, Optimizer, DataLoader]]
+# privatize(model, optimizer, loader) -> (model, optimizer, loader), or as Opacus' make_private returns
+# them with ghost clipping, (model, optimizer, criterion, loader): the criterion reduces per-image losses.
+Privatize = Callable[[nn.Module, Optimizer, DataLoader], tuple]
 CHECKPOINT_FILE = "finetune_checkpoint.pt"
 
 
@@ -156,10 +158,12 @@ def build_optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Ada
 
 
 class _Batches(torch.utils.data.Sampler[list[int]]):
-    """Shuffled batches per epoch from a seed; a last batch of one image is dropped (batch norm)."""
+    """Shuffled batches per epoch from a seed; a last batch of one image is dropped (batch norm) unless
+    ``keep_single`` (DP-SGD replaces the batches by Poisson sampling over ``ceil(n / batch)`` steps)."""
 
-    def __init__(self, n: int, batch_size: int, seed: int):
+    def __init__(self, n: int, batch_size: int, seed: int, keep_single: bool = False):
         self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, 0
+        self.min_batch = 1 if keep_single else 2
 
     def __iter__(self):
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
@@ -167,21 +171,24 @@ class _Batches(torch.utils.data.Sampler[list[int]]):
         self.epoch += 1
         for start in range(0, self.n, self.batch_size):
             batch = order[start:start + self.batch_size]
-            if len(batch) >= 2:
+            if len(batch) >= self.min_batch:
                 yield batch
 
     def __len__(self) -> int:
         full, rest = divmod(self.n, self.batch_size)
-        return full + (1 if rest >= 2 else 0)
+        return full + (1 if rest >= self.min_batch else 0)
 
 
-def make_loader(dataset: Dataset, config: FinetuneConfig, *, seed: int) -> DataLoader:
+def make_loader(dataset: Dataset, config: FinetuneConfig, *, seed: int, keep_single: bool = False) -> DataLoader:
+    """Shuffled batches of ``config.batch_size``; ``keep_single``: keep a last batch of one image (no BatchNorm)."""
     if len(dataset) < 2:
         raise ValueError(f"fine-tuning needs at least 2 training images, got {len(dataset)}")
-    return DataLoader(dataset, batch_sampler=_Batches(len(dataset), config.batch_size, seed), num_workers=0)
+    return DataLoader(dataset, batch_sampler=_Batches(len(dataset), config.batch_size, seed, keep_single),
+                      num_workers=0)
 
 
 def _loss_fn(config: FinetuneConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The batch loss: cross-entropy, or BCE + Dice over the batch's pixels (batch Dice)."""
     if config.task == "cls":
         return lambda logits, y: F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
     from monai.losses import DiceLoss
@@ -190,22 +197,45 @@ def _loss_fn(config: FinetuneConfig) -> Callable[[torch.Tensor, torch.Tensor], t
     return lambda logits, y: F.binary_cross_entropy_with_logits(logits.float(), y) + dice(logits.float(), y)
 
 
+def per_image_loss_fn(config: FinetuneConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """One loss per image, (N,) (DP-SGD clips each image's gradient): cross-entropy, or BCE + Dice of that image."""
+    if config.task == "cls":
+        return lambda logits, y: F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing,
+                                                 reduction="none")
+    from monai.losses import DiceLoss
+
+    dice = DiceLoss(sigmoid=True, batch=False, reduction="none")
+
+    def seg_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        bce = F.binary_cross_entropy_with_logits(logits, y, reduction="none").flatten(1).mean(1)
+        return bce + dice(logits, y).reshape(logits.shape[0])
+
+    return seg_loss
+
+
 def train_steps(model: nn.Module, loader: DataLoader, optimizer: Optimizer, config: FinetuneConfig, *,
                 steps: int, lr: Callable[[int], float] | float, start_step: int = 0,
-                device: torch.device, bar: Any = None) -> StepsResult:
+                device: torch.device, bar: Any = None,
+                criterion: Callable[[torch.Tensor], torch.Tensor] | None = None) -> StepsResult:
     """Train ``steps`` optimizer steps (cycling ``loader``) at ``lr(step)`` (or a constant) times each
-    group's ``lr_scale``; augmentation from ``config``. Randomness: torch's global RNG."""
-    loss_fn = _loss_fn(config)
+    group's ``lr_scale``; augmentation from ``config``. Randomness: torch's global RNG.
+
+    ``criterion`` (DP-SGD, Opacus' wrapper): reduces the per-image losses to the loss that is
+    backpropagated. A Poisson batch may then be empty; it still takes its noise-only step.
+    """
+    loss_fn = _loss_fn(config) if criterion is None else per_image_loss_fn(config)
     use_amp = config.amp and device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
     model.train()
-    started, done, loss_sum = time.perf_counter(), 0, 0.0
+    started, done, scored_steps, loss_sum = time.perf_counter(), 0, 0, 0.0
     while done < steps:
         for imgs, target in loader:
             if done >= steps:
                 break
             imgs, target = imgs.to(device, non_blocking=True), target.to(device, non_blocking=True)
-            if config.augment is not None:
+            scored = imgs.shape[0] > 0
+            if config.augment is not None and scored:
                 imgs, masks = augment_batch(imgs, target if config.task == "seg" else None, config.augment)
                 if config.task == "seg":
                     target = masks
@@ -214,18 +244,21 @@ def train_steps(model: nn.Module, loader: DataLoader, optimizer: Optimizer, conf
                 group["lr"] = rate * group.get("lr_scale", 1.0)
             with autocast():
                 loss = loss_fn(model(imgs), target)
-            value = loss.item()
-            if not math.isfinite(value):
+                if criterion is not None:
+                    loss = criterion(loss)
+            value = loss.item() if scored else math.nan
+            if scored and not math.isfinite(value):
                 raise NonFiniteLossError(start_step + done, value)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             done += 1
-            loss_sum += value
+            if scored:
+                loss_sum, scored_steps = loss_sum + value, scored_steps + 1
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.4f}", refresh=False)
-    return StepsResult(num_samples=len(loader.dataset), steps=done, mean_loss=loss_sum / max(done, 1),
+    return StepsResult(num_samples=len(loader.dataset), steps=done, mean_loss=loss_sum / max(scored_steps, 1),
                        seconds=time.perf_counter() - started)
 
 

@@ -5,7 +5,8 @@ it; the site trains ``epochs`` (or ``steps``) at that constant rate with the fin
 (layer-wise lr decay, augmentation, label smoothing) and returns ``local - global`` for every
 floating-point entry of the state dict. Integer buffers (BatchNorm's ``num_batches_tracked``)
 are not averaged by FedAvg; they come back separately in ``counters``. DP-SGD plugs in through
-``privatize(model, optimizer, loader)`` (e.g. Opacus ``make_private``), as in pretraining.
+``privatize(model, optimizer, loader)`` (``ultrafedfm.privacy.dp.DPPrivatizer``, as in pretraining):
+the model must then be built ``dp_compatible`` (no BatchNorm), and the loss is taken per image.
 
 Example (what a federated site calls each round)::
 
@@ -77,12 +78,17 @@ def finetune_local(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(generator_seed)
         optimizer = build_optimizer(model, config)
-        loader = make_loader(dataset, config, seed=generator_seed)
-        train_model, train_optimizer, train_loader = model, optimizer, loader
+        loader = make_loader(dataset, config, seed=generator_seed, keep_single=privatize is not None)
+        train_model, train_optimizer, criterion, train_loader = model, optimizer, None, loader
         if privatize is not None:
-            train_model, train_optimizer, train_loader = privatize(model, optimizer, loader)
+            replaced = privatize(model, optimizer, loader)
+            if len(replaced) == 4:  # Opacus' order with ghost clipping: module, optimizer, criterion, loader
+                train_model, train_optimizer, criterion, train_loader = replaced
+            else:
+                train_model, train_optimizer, train_loader = replaced
         total = steps if steps is not None else (epochs or 1) * len(train_loader)
-        result = train_steps(train_model, train_loader, train_optimizer, config, steps=total, lr=lr, device=device)
+        result = train_steps(train_model, train_loader, train_optimizer, config, steps=total, lr=lr, device=device,
+                             criterion=criterion)
     model.to("cpu")
     end = model.state_dict()
     delta = {k: end[k].detach() - start[k] for k in start if start[k].is_floating_point()}

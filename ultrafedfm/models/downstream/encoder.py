@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +45,23 @@ class EncoderWeights:
 
 
 def create_vit(weights: EncoderWeights | None, *, timm_model: str, timm_kwargs: dict[str, Any], num_classes: int,
-               drop_path: float = 0.0) -> torch.nn.Module:
+               drop_path: float = 0.0, dp_compatible: bool = False) -> torch.nn.Module:
     """A 1-channel timm ViT (average-pooled, final norm kept), loaded with ``weights`` when given.
 
     ``global_pool="avg"`` with ``fc_norm=False`` keeps the encoder's final ``norm`` (which the
     export carries) and averages the normed patch tokens, so every exported weight is used.
+
+    ``dp_compatible``: built for DP-SGD (same weights, same state_dict keys): plain
+    ``nn.LayerNorm`` layers (timm's subclass has no Opacus per-sample rule and would fall to
+    functorch, which fails on an empty Poisson batch), and the class token and position embedding
+    frozen (raw parameters of the top module have no per-sample rule either; MAE's position
+    embedding is a fixed sine-cosine table anyway).
     """
     import timm
 
+    extra: dict[str, Any] = {"norm_layer": partial(torch.nn.LayerNorm, eps=1e-6)} if dp_compatible else {}
     vit = timm.create_model(timm_model, pretrained=False, in_chans=1, num_classes=num_classes, global_pool="avg",
-                            fc_norm=False, drop_path_rate=drop_path, **timm_kwargs)
+                            fc_norm=False, drop_path_rate=drop_path, **timm_kwargs, **extra)
     if weights is not None:
         result = vit.load_state_dict(weights.state, strict=False)
         unexpected = list(result.unexpected_keys)
@@ -61,6 +69,10 @@ def create_vit(weights: EncoderWeights | None, *, timm_model: str, timm_kwargs: 
         if unexpected or missing:
             raise ValueError(f"encoder from {weights.source} does not fit {timm_model} {timm_kwargs}: "
                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if dp_compatible:
+        for name in ("cls_token", "pos_embed", "reg_token"):
+            if isinstance(getattr(vit, name, None), torch.nn.Parameter):
+                getattr(vit, name).requires_grad = False
     return vit
 
 

@@ -54,6 +54,8 @@ class DownstreamSpec:
         blocks: the four encoder blocks of the segmentation pyramid (``vit`` + ``seg``).
         decoder_channels: U-Net widths, finest first (``seg``).
         drop_path: stochastic depth of the ViT during fine-tuning.
+        dp_compatible: built for DP-SGD (``vit`` only): no BatchNorm, only layers with an Opacus
+            per-sample rule, the class token and position embedding frozen (``heads``, ``encoder``).
     """
 
     task: Literal["cls", "seg"]
@@ -67,6 +69,7 @@ class DownstreamSpec:
     blocks: tuple[int, ...] = ()
     decoder_channels: tuple[int, ...] = (32, 48, 64, 96)
     drop_path: float = 0.1
+    dp_compatible: bool = False
 
     def __post_init__(self) -> None:
         check(self.task in ("cls", "seg"), "task", "must be cls or seg")
@@ -76,6 +79,8 @@ class DownstreamSpec:
         check(self.arch != "vit" or bool(self.timm_model), "timm_model", "a ViT needs its timm model name")
         check(len(self.decoder_channels) == 4, "decoder_channels", "needs four widths (finest first)")
         check(0.0 <= self.drop_path < 1.0, "drop_path", "must lie in [0, 1)")
+        check(self.arch == "vit" or not self.dp_compatible, "dp_compatible",
+              "DP-SGD fine-tuning is built for the ViT (arch vit); the ResNet-18 baseline uses BatchNorm")
 
     @classmethod
     def for_encoder(cls, weights: EncoderWeights, *, task: Literal["cls", "seg"], classes: tuple[str, ...] = (),
@@ -97,17 +102,18 @@ def build_downstream(spec: DownstreamSpec, *, encoder: EncoderWeights | None = N
             ResNetSegmenter(decoder_channels=spec.decoder_channels)
     num_classes = len(spec.classes) if spec.task == "cls" else 0
     vit = create_vit(encoder, timm_model=spec.timm_model, timm_kwargs=spec.timm_kwargs, num_classes=num_classes,
-                     drop_path=spec.drop_path)
+                     drop_path=spec.drop_path, dp_compatible=spec.dp_compatible)
     if spec.task == "cls":
         if spec.mode == "linear":
-            vit.head = linear_probe_head(vit.embed_dim, num_classes)
+            vit.head = linear_probe_head(vit.embed_dim, num_classes, dp_compatible=spec.dp_compatible)
             for name, param in vit.named_parameters():
                 param.requires_grad = name.startswith("head.")
         else:
             nn.init.trunc_normal_(vit.head.weight, std=2e-5)  # MAE fine-tuning: a near-zero head at start
             nn.init.zeros_(vit.head.bias)
         return vit
-    model = ViTSegmenter(vit=vit, blocks=spec.blocks, decoder_channels=spec.decoder_channels)
+    model = ViTSegmenter(vit=vit, blocks=spec.blocks, decoder_channels=spec.decoder_channels,
+                         dp_compatible=spec.dp_compatible)
     if spec.mode == "linear":
         for param in model.encoder.parameters():
             param.requires_grad = False

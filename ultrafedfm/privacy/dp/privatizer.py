@@ -1,6 +1,7 @@
-"""DP-SGD for one round of local MAE training: the trainer's ``privatize`` hook, built on Opacus.
+"""DP-SGD for one round of local training: the trainers' ``privatize`` hook, built on Opacus.
 
-:class:`DPPrivatizer` is called by :func:`ultrafedfm.train.pretrain.train_local` with the model,
+:class:`DPPrivatizer` is called by :func:`ultrafedfm.train.pretrain.train_local` (MAE pretraining)
+or :func:`ultrafedfm.train.finetune_local.finetune_local` (fine-tuning) with the model,
 optimizer and data loader it built, and returns Opacus' replacements (the order Opacus'
 ``make_private`` uses with ghost clipping)::
 
@@ -18,7 +19,10 @@ What it sets up:
   refuses ghost clipping on the model, said in the log and recorded in ``clipping_used``.
 - Gaussian noise of std ``noise_multiplier * max_grad_norm`` on the sum of clipped gradients,
   from its own OS-seeded generator on the model's device.
-- The MAE loss per image (``reduction="none"``), reduced by Opacus' criterion wrapper.
+- The loss per image (the MAE's ``reduction="none"``; cross-entropy, or BCE + Dice, per image when
+  fine-tuning), reduced by Opacus' criterion wrapper.
+- A model Opacus cannot train privately (BatchNorm mixes the images of a batch) is refused before
+  anything runs, with what to do; a fine-tuning job with ``dp`` on builds its network without it.
 
 Opacus computes per-image gradients of a parameter-owning module from its captured activations,
 so such modules must be deterministic; the MAE keeps all randomness (masking, degradations) in
@@ -46,7 +50,7 @@ __all__ = ["DPPrivatizer", "PerImageLoss"]
 
 
 class PerImageLoss(nn.Module):
-    """The criterion Opacus wraps: per-image MAE losses (N,) -> their mean, sum, or themselves (``reduction``)."""
+    """The criterion Opacus wraps: per-image losses (N,) -> their mean, sum, or themselves (``reduction``)."""
 
     def __init__(self, reduction: str = "mean"):
         super().__init__()
@@ -91,6 +95,7 @@ class DPPrivatizer:
             raise ValueError(f"the data loader has {len(loader.dataset)} images in {len(loader)} batches, but the DP "
                              f"plan was made for {plan.num_images} in {plan.steps_per_epoch}: the ledger would charge "
                              "the wrong sampling rate. Plan with this site's dataset and the job's batch size")
+        _check_trainable_privately(model)
         device = next(model.parameters()).device
         dp_loader = _poisson_loader(loader, plan.steps_per_epoch, _generator("cpu", self._sampling_seed))
         noise_generator = _generator(device, self._noise_seed)
@@ -138,6 +143,24 @@ class DPPrivatizer:
         if self._module is not None:
             self._module.cleanup()
             self._module = None
+
+
+def _check_trainable_privately(model: nn.Module) -> None:
+    """Refuse, before any step, a model Opacus would refuse (or train wrongly): BatchNorm and the like."""
+    from opacus.validators import ModuleValidator
+
+    problems = ModuleValidator.validate(model, strict=False)
+    if not problems:
+        return
+    batch_norms = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    reasons = sorted({str(p).split(". ")[0] for p in problems if "BatchNorm" not in str(p)})
+    found = list(reasons)
+    if batch_norms:
+        listed = ", ".join(batch_norms[:3]) + (", ..." if len(batch_norms) > 3 else "")
+        found.insert(0, f"{len(batch_norms)} BatchNorm layers ({listed}), which mix the images of a batch")
+    raise ValueError(f"DP-SGD cannot train this {type(model).__name__}: {'; '.join(found)}. Build the model without "
+                     "them (a fine-tuning job with `dp` enabled builds its network dp_compatible: GroupNorm in place "
+                     "of BatchNorm)")
 
 
 def _generator(device: torch.device | str, seed: int | None) -> torch.Generator:
