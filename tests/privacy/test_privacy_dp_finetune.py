@@ -103,3 +103,17 @@ def test_dp_refuses_a_network_with_batchnorm_before_any_step_and_names_the_layer
     with pytest.raises(ValueError, match=r"7 BatchNorm layers \(pyramid\.0\.1, decoder\.fuse\.0\.1.*dp_compatible"):
         privatizer(model, torch.optim.SGD(model.parameters(), lr=0.1), _loader(_items("seg", 4), 2))
     assert privatizer.steps_taken == 0
+
+
+@pytest.mark.parametrize("task", ["cls", "seg"])
+def test_the_per_image_loss_is_the_plain_training_loss_of_each_image_alone(task):
+    from ultrafedfm.train.finetune import _loss_fn
+
+    config = finetune_config(SETTINGS[task], batch_size=4, base_lr=1e-3, weight_decay=0.0, seed=0)
+    items = _items(task, 4)
+    target = torch.stack([y for _, y in items])
+    logits = torch.randn(4, 3) if task == "cls" else torch.randn(4, 1, 32, 32)
+    per_image = per_image_loss_fn(config)(logits, target)
+    alone = torch.stack([_loss_fn(config)(logits[i:i + 1], target[i:i + 1]) for i in range(4)])
+    assert per_image.shape == (4,)
+    torch.testing.assert_close(per_image, alone)
