@@ -5,7 +5,7 @@ it; the site trains ``epochs`` (or ``steps``) at that constant rate with the fin
 (layer-wise lr decay, augmentation, label smoothing) and returns ``local - global`` for every
 floating-point entry of the state dict. Integer buffers (BatchNorm's ``num_batches_tracked``)
 are not averaged by FedAvg; they come back separately in ``counters``. DP-SGD plugs in through
-``privatize(model, optimizer, loader)`` (``ultrafedfm.privacy.dp.DPPrivatizer``, as in pretraining):
+``privatize(model, optimizer, loader)`` (``ultrafedfm.privacy.dp.privatizer.DPPrivatizer``, as in pretraining):
 the model must then be built ``dp_compatible`` (no BatchNorm), and the loss is taken per image.
 
 Example (what a federated site calls each round)::

@@ -6,7 +6,7 @@ client passes ``lr=`` (the server schedules it across rounds) and gets a constan
 (betas 0.9/0.95, weight decay 0.05 except on biases, norms and tokens), effective learning rate
 ``base_lr * batch_size / 256`` (MAE), bf16 autocast on GPU, fp32 on CPU, checkpoints that
 continue a run exactly, and a loud stop on a non-finite loss. DP-SGD plugs in through
-``privatize`` (``ultrafedfm.privacy.dp.DPPrivatizer``, or Opacus ``make_private`` directly);
+``privatize`` (``ultrafedfm.privacy.dp.privatizer.DPPrivatizer``, or Opacus ``make_private`` directly);
 this module knows nothing of FLARE or Opacus.
 
 A run is five steps: build (optimizer, sampler, loader), restore (a checkpoint), privatize,
@@ -234,7 +234,7 @@ def train_local(
             a checkpoint loaded); returns replacements, e.g. Opacus ``make_private``, either
             ``(model, optimizer, loader)`` or ``(model, optimizer, criterion, loader)``; with a
             criterion the model gives per-image losses (``reduction="none"``) and the criterion
-            reduces them (DP-SGD: :class:`ultrafedfm.privacy.dp.DPPrivatizer`). Empty batches
+            reduces them (DP-SGD: :class:`ultrafedfm.privacy.dp.privatizer.DPPrivatizer`). Empty batches
             (Poisson sampling) still step and are left out of the losses. A replaced loader cannot
             be positioned mid-epoch, so a DP run resumes at its epoch's start order.
         generator_seed: seed for data order, masking and degradations (default ``config.seed``).
