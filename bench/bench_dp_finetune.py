@@ -43,7 +43,6 @@ from ultrafedfm.downstream.evaluate import evaluate_split
 from ultrafedfm.downstream.splits import grouped_split
 from ultrafedfm.fileio import atomic_write_json
 from ultrafedfm.federation.aggregation import make_aggregation
-from ultrafedfm.federation.finetune import FinetuneSettings
 from ultrafedfm.federation.job_spec import JOB_SPECS, JobSpec
 from ultrafedfm.federation.local import LocalExchange
 from ultrafedfm.federation.model_io import FINETUNED_FOLDER
@@ -208,7 +207,7 @@ def _report(rows: list[dict], args) -> None:
             if row["task"] == task:
                 by_arm.setdefault(row["arm"], []).append(row)
         base = by_arm.get("no-dp", [])
-        base_seconds = statistics.mean(r["seconds"] for r in base) if base else float("nan")
+        base_seconds = statistics.mean(r["seconds"] for r in base) if base else math.nan
         base_train = statistics.mean(r.get("train_seconds", math.nan) for r in base) if base else math.nan
         for arm, arm_rows in by_arm.items():
             seconds = statistics.mean(r["seconds"] for r in arm_rows)

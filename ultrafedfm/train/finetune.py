@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from ultrafedfm.config import check
 from ultrafedfm.downstream.augment import AugmentConfig, augment_batch
 from ultrafedfm.fileio import atomic_torch_save
+from ultrafedfm.train.privatize import Privatize
 from ultrafedfm.train.schedule import WarmupCosineLr
 
 _logger = logging.getLogger(__name__)
@@ -47,9 +48,6 @@ _logger = logging.getLogger(__name__)
 __all__ = ["FinetuneConfig", "FitResult", "NonFiniteLossError", "Privatize", "StepsResult", "build_optimizer",
            "fit", "make_loader", "per_image_loss_fn", "train_steps"]
 
-# privatize(model, optimizer, loader) -> (model, optimizer, loader), or as Opacus' make_private returns
-# them with ghost clipping, (model, optimizer, criterion, loader): the criterion reduces per-image losses.
-Privatize = Callable[[nn.Module, Optimizer, DataLoader], tuple]
 CHECKPOINT_FILE = "finetune_checkpoint.pt"
 
 

@@ -25,7 +25,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from ultrafedfm.train.finetune import FinetuneConfig, Privatize, build_optimizer, make_loader, train_steps
+from ultrafedfm.train.finetune import FinetuneConfig, build_optimizer, make_loader, train_steps
+from ultrafedfm.train.privatize import Privatize, apply_privatize
 
 _logger = logging.getLogger(__name__)
 
@@ -79,16 +80,10 @@ def finetune_local(
         torch.manual_seed(generator_seed)
         optimizer = build_optimizer(model, config)
         loader = make_loader(dataset, config, seed=generator_seed, keep_single=privatize is not None)
-        train_model, train_optimizer, criterion, train_loader = model, optimizer, None, loader
-        if privatize is not None:
-            replaced = privatize(model, optimizer, loader)
-            if len(replaced) == 4:  # Opacus' order with ghost clipping: module, optimizer, criterion, loader
-                train_model, train_optimizer, criterion, train_loader = replaced
-            else:
-                train_model, train_optimizer, train_loader = replaced
-        total = steps if steps is not None else (epochs or 1) * len(train_loader)
-        result = train_steps(train_model, train_loader, train_optimizer, config, steps=total, lr=lr, device=device,
-                             criterion=criterion)
+        training = apply_privatize(privatize, model, optimizer, loader)
+        total = steps if steps is not None else (epochs or 1) * len(training.loader)
+        result = train_steps(training.model, training.loader, training.optimizer, config, steps=total, lr=lr,
+                             device=device, criterion=training.criterion)
     model.to("cpu")
     end = model.state_dict()
     delta = {k: end[k].detach() - start[k] for k in start if start[k].is_floating_point()}

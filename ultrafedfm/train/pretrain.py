@@ -42,17 +42,12 @@ from ultrafedfm.seeds import mix_seed
 from ultrafedfm.train.checkpoint import (
     CHECKPOINT_NAME, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint,
 )
+from ultrafedfm.train.privatize import Privatize, Privatized, apply_privatize
 from ultrafedfm.train.schedule import ConstantLr, WarmupCosineLr
 
 _logger = logging.getLogger(__name__)
 
 __all__ = ["NonFiniteLossError", "PretrainConfig", "TrainResult", "build_model", "param_groups", "train_local"]
-
-# privatize(model, optimizer, loader) -> (model, optimizer, loader), or, as Opacus' make_private
-# returns them with ghost clipping, (model, optimizer, criterion, loader): the criterion reduces the
-# model's per-image losses (N,) to the loss that is backpropagated.
-Privatize = Callable[[nn.Module, Optimizer, DataLoader], tuple]
-
 
 @dataclass
 class PretrainConfig:
@@ -271,20 +266,6 @@ def train_local(
 
 
 @dataclass
-class _Training:
-    """What the loop drives: the trainer's objects, or the ones ``privatize`` returned in their place.
-
-    ``criterion`` (DP-SGD) reduces the model's per-image losses to the loss that is backpropagated;
-    ``None`` uses the model's batch mean.
-    """
-
-    model: nn.Module
-    optimizer: Optimizer
-    loader: DataLoader
-    criterion: Callable[[torch.Tensor], torch.Tensor] | None = None
-
-
-@dataclass
 class _Progress:
     """Where a run stands; saved in checkpoints. ``loss_steps`` counts steps that had images to score."""
 
@@ -311,7 +292,7 @@ def _run(*, model, dataset, config, epochs, steps, lr, device, checkpoint_dir, r
     state = _restore(ckpt_path, model, optimizer, device) if ckpt_path is not None and resume else None
     done = _Progress(state["step"], state["loss_sum"], state["last_loss"], state.get("loss_steps", state["step"])) \
         if state is not None else _Progress()
-    training = _privatize(privatize, model, optimizer, loader)
+    training = apply_privatize(privatize, model, optimizer, loader)
     plan = _plan(config, epochs=epochs, steps=steps, lr=lr, steps_per_epoch=len(training.loader))
     if state is not None:
         if state["total_steps"] != plan.total or state["steps_per_epoch"] != plan.steps_per_epoch:
@@ -368,17 +349,6 @@ def _restore(ckpt_path: Path, model: nn.Module, optimizer: Optimizer, device: to
     return state
 
 
-def _privatize(privatize: Privatize | None, model: nn.Module, optimizer: Optimizer, loader: DataLoader) -> _Training:
-    """Hand the objects to ``privatize``: 3 back as Opacus' ``make_private`` returns them, or 4 with a criterion."""
-    if privatize is None:
-        return _Training(model, optimizer, loader)
-    replaced = privatize(model, optimizer, loader)
-    if len(replaced) == 4:  # Opacus' order with ghost clipping: module, optimizer, criterion, loader
-        module, private_optimizer, criterion, private_loader = replaced
-        return _Training(module, private_optimizer, private_loader, criterion)
-    return _Training(*replaced)
-
-
 def _plan(config: PretrainConfig, *, epochs: int | None, steps: int | None, lr: float | None,
           steps_per_epoch: int) -> _Plan:
     total = steps if steps is not None else (epochs or config.epochs) * steps_per_epoch
@@ -390,7 +360,7 @@ def _plan(config: PretrainConfig, *, epochs: int | None, steps: int | None, lr: 
     return _Plan(total=total, steps_per_epoch=steps_per_epoch, schedule=schedule)
 
 
-def _loop(training: _Training, *, sampler: _EpochSampler, plan: _Plan, done: _Progress, config: PretrainConfig,
+def _loop(training: Privatized, *, sampler: _EpochSampler, plan: _Plan, done: _Progress, config: PretrainConfig,
           img_size: int, preset: str, params: list[nn.Parameter], device: torch.device, progress: bool,
           checkpoint: Callable[[], None] | None) -> None:
     """Run steps until ``plan.total``, updating ``done`` in place and checkpointing every ``checkpoint_every``."""
